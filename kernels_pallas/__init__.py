@@ -1,0 +1,1 @@
+"""Pallas kernels used by dig-jax."""
