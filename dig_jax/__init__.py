@@ -1,0 +1,1 @@
+"""dig-jax: DiG diffusion models in JAX/Flax."""

@@ -1,0 +1,110 @@
+"""DiG: DiT with Gated Linear Attention and the Spatial Reorient & Enhancement Module."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dig_jax.models import layers
+from dig_jax.models.gla import GatedLinearAttention
+from dig_jax.models.scan_order import layer_orientation, orient_conv_kernel
+
+
+class SwiGLU(nnx.Module):
+  """Bias-free gated MLP: down(swish(gate(x)) * up(x))."""
+
+  def __init__(self, hidden: int, inner: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    def linear(din, dout):
+      return nnx.Linear(din, dout, use_bias=False, kernel_init=layers.xavier_uniform,
+                        dtype=dtype, rngs=rngs)
+    self.gate, self.up, self.down = linear(hidden, inner), linear(hidden, inner), linear(inner, hidden)
+
+  def __call__(self, x):
+    return self.down(nnx.silu(self.gate(x)) * self.up(x))
+
+
+def _identity_depthwise(key, shape, dtype=jnp.float32):
+  del key
+  return jnp.zeros(shape, dtype).at[1, 1].set(1.0)  # centre tap 1: the conv starts as identity
+
+
+class DiGBlock(nnx.Module):
+  """adaLN-Zero block: x += g1*GLA(mod(LN x)); x += g2*SwiGLU(mod(LN x)); x = DWConv3x3(x).
+
+  Activations stay on the raster grid [N, h, w, D]; `layer_index` sets the scan direction
+  (see scan_order.py).
+  """
+
+  def __init__(self, hidden: int, num_heads: int, mlp_hidden: int, *, layer_index: int,
+               dtype=jnp.float32, gla_backend: str = "auto", gla_interpret: bool = False,
+               rngs: nnx.Rngs):
+    self.layer_index = layer_index
+    self.dtype = dtype
+    self.modulation = layers.AdaLNModulation(hidden, 6, dtype=dtype, rngs=rngs)
+    self.attn = GatedLinearAttention(hidden, num_heads, dtype=dtype, backend=gla_backend,
+                                     interpret=gla_interpret, rngs=rngs)
+    self.mlp = SwiGLU(hidden, mlp_hidden, dtype=dtype, rngs=rngs)
+    self.conv_kernel = nnx.Param(_identity_depthwise(rngs.params(), (3, 3, 1, hidden)))
+    self.conv_bias = nnx.Param(jnp.zeros((hidden,), jnp.float32))
+
+  def _mix_tokens(self, x):
+    transposed, reverse = layer_orientation(self.layer_index)
+    if transposed:
+      x = x.transpose(0, 2, 1, 3)
+    n, a, b, d = x.shape
+    y = self.attn(x.reshape(n, a * b, d), reverse=reverse).reshape(n, a, b, d)
+    return y.transpose(0, 2, 1, 3) if transposed else y
+
+  def _depthwise_conv(self, x):
+    kernel = orient_conv_kernel(self.conv_kernel[...], self.layer_index).astype(x.dtype)
+    y = jax.lax.conv_general_dilated(x, kernel, window_strides=(1, 1), padding="SAME",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                     feature_group_count=x.shape[-1])
+    return y + self.conv_bias[...].astype(x.dtype)
+
+  def __call__(self, x, c):
+    shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(c)
+    x = x + gate1[:, None, None] * self._mix_tokens(layers.modulate(layers.layer_norm(x), shift1, scale1))
+    x = x + gate2[:, None, None] * self.mlp(layers.modulate(layers.layer_norm(x), shift2, scale2))
+    return self._depthwise_conv(x)
+
+
+class DiG(nnx.Module):
+  """Class-conditional DiG. `model(x, t, y)`: x [N, H, W, C], t [N], y [N] -> [N, H, W, C_out]."""
+
+  def __init__(self, *, input_size, patch_size: int, in_channels: int, hidden_size: int,
+               depth: int, num_heads: int, mlp_hidden: int, num_classes: int,
+               learn_sigma: bool = True, dtype=jnp.float32, gla_backend: str = "auto",
+               gla_interpret: bool = False, rngs: nnx.Rngs):
+    self.image_size = layers.check_image_size(input_size, patch_size)
+    self.grid = (self.image_size[0] // patch_size, self.image_size[1] // patch_size)
+    self.patch_size, self.in_channels = patch_size, in_channels
+    self.out_channels = 2 * in_channels if learn_sigma else in_channels
+    self.hidden_size, self.num_classes, self.dtype = hidden_size, num_classes, dtype
+    self.patch_embed = layers.PatchEmbed(in_channels, hidden_size, patch_size, dtype=dtype, rngs=rngs)
+    self.t_embedder = layers.TimestepEmbedder(hidden_size, dtype=dtype, rngs=rngs)
+    self.y_embedder = layers.LabelEmbedder(num_classes, hidden_size, rngs=rngs)
+    self.blocks = nnx.List([
+        DiGBlock(hidden_size, num_heads, mlp_hidden, layer_index=i, dtype=dtype,
+                 gla_backend=gla_backend, gla_interpret=gla_interpret, rngs=rngs)
+        for i in range(depth)])
+    self.final_layer = layers.FinalLayer(hidden_size, patch_size, self.out_channels, dtype=dtype,
+                                         rngs=rngs)
+
+  def __call__(self, x, t, y):
+    check_input(self, x)
+    pos = layers.sincos_pos_embed_2d(self.hidden_size, *self.grid)
+    x = (self.patch_embed(x.astype(self.dtype)) + pos).astype(self.dtype)
+    c = (self.t_embedder(t) + self.y_embedder(y)).astype(self.dtype)
+    for block in self.blocks:
+      x = block(x, c)
+    x = self.final_layer(x, c)
+    return layers.unpatchify(x, self.patch_size, self.out_channels).astype(jnp.float32)
+
+
+def check_input(model, x):
+  """Clear error when an input does not match the size the model was built for."""
+  want = (*model.image_size, model.in_channels)
+  if x.ndim != 4 or tuple(x.shape[1:]) != want:
+    raise ValueError(f"{type(model).__name__} was built for inputs [N, {want[0]}, {want[1]}, "
+                     f"{want[2]}] (channels last), got {tuple(x.shape)}")

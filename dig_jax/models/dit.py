@@ -1,0 +1,87 @@
+"""DiT baseline (Peebles & Xie) with the same embedders; attention is jax.nn.dot_product_attention."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dig_jax.models import layers
+from dig_jax.models.dig import check_input
+
+
+class SelfAttention(nnx.Module):
+  """Multi-head softmax attention; `implementation=None` lets JAX use cuDNN flash attention on GPUs."""
+
+  def __init__(self, hidden: int, num_heads: int, *, dtype=jnp.float32, implementation=None,
+               rngs: nnx.Rngs):
+    self.num_heads, self.implementation = num_heads, implementation
+    # One fused qkv Linear, so its xavier bound uses fan_out = 3D as the reference's does.
+    self.qkv = nnx.Linear(hidden, 3 * hidden, kernel_init=layers.xavier_uniform,
+                          bias_init=layers.zeros, dtype=dtype, rngs=rngs)
+    self.proj = nnx.Linear(hidden, hidden, kernel_init=layers.xavier_uniform,
+                           bias_init=layers.zeros, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x):
+    n, t, d = x.shape
+    q, k, v = jnp.split(self.qkv(x).reshape(n, t, 3, self.num_heads, d // self.num_heads), 3, axis=2)
+    o = jax.nn.dot_product_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0],
+                                     implementation=self.implementation)
+    return self.proj(o.reshape(n, t, d))
+
+
+class Mlp(nnx.Module):
+  def __init__(self, hidden: int, inner: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    self.fc1 = nnx.Linear(hidden, inner, kernel_init=layers.xavier_uniform, bias_init=layers.zeros,
+                          dtype=dtype, rngs=rngs)
+    self.fc2 = nnx.Linear(inner, hidden, kernel_init=layers.xavier_uniform, bias_init=layers.zeros,
+                          dtype=dtype, rngs=rngs)
+
+  def __call__(self, x):
+    return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
+
+
+class DiTBlock(nnx.Module):
+  def __init__(self, hidden: int, num_heads: int, mlp_ratio: float, *, dtype=jnp.float32,
+               attention_impl=None, rngs: nnx.Rngs):
+    self.modulation = layers.AdaLNModulation(hidden, 6, dtype=dtype, rngs=rngs)
+    self.attn = SelfAttention(hidden, num_heads, dtype=dtype, implementation=attention_impl,
+                              rngs=rngs)
+    self.mlp = Mlp(hidden, int(hidden * mlp_ratio), dtype=dtype, rngs=rngs)
+
+  def __call__(self, x, c):
+    shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(c)
+    x = x + gate1[:, None] * self.attn(layers.modulate(layers.layer_norm(x), shift1, scale1))
+    return x + gate2[:, None] * self.mlp(layers.modulate(layers.layer_norm(x), shift2, scale2))
+
+
+class DiT(nnx.Module):
+  """Class-conditional DiT with the same interface as DiG."""
+
+  def __init__(self, *, input_size, patch_size: int, in_channels: int, hidden_size: int,
+               depth: int, num_heads: int, num_classes: int, mlp_ratio: float = 4.0,
+               learn_sigma: bool = True, dtype=jnp.float32, attention_impl=None, rngs: nnx.Rngs):
+    self.image_size = layers.check_image_size(input_size, patch_size)
+    self.grid = (self.image_size[0] // patch_size, self.image_size[1] // patch_size)
+    self.patch_size, self.in_channels = patch_size, in_channels
+    self.out_channels = 2 * in_channels if learn_sigma else in_channels
+    self.hidden_size, self.num_classes, self.dtype = hidden_size, num_classes, dtype
+    self.patch_embed = layers.PatchEmbed(in_channels, hidden_size, patch_size, dtype=dtype, rngs=rngs)
+    self.t_embedder = layers.TimestepEmbedder(hidden_size, dtype=dtype, rngs=rngs)
+    self.y_embedder = layers.LabelEmbedder(num_classes, hidden_size, rngs=rngs)
+    self.blocks = nnx.List([
+        DiTBlock(hidden_size, num_heads, mlp_ratio, dtype=dtype, attention_impl=attention_impl,
+                 rngs=rngs) for _ in range(depth)])
+    self.final_layer = layers.FinalLayer(hidden_size, patch_size, self.out_channels, dtype=dtype,
+                                         rngs=rngs)
+
+  def __call__(self, x, t, y):
+    check_input(self, x)
+    pos = layers.sincos_pos_embed_2d(self.hidden_size, *self.grid)
+    x = (self.patch_embed(x.astype(self.dtype)) + pos).astype(self.dtype)
+    n, h, w, d = x.shape
+    x = x.reshape(n, h * w, d)
+    c = (self.t_embedder(t) + self.y_embedder(y)).astype(self.dtype)
+    for block in self.blocks:
+      x = block(x, c)
+    x = self.final_layer(x, c).reshape(n, h, w, -1)
+    return layers.unpatchify(x, self.patch_size, self.out_channels).astype(jnp.float32)

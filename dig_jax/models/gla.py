@@ -1,0 +1,57 @@
+"""The Gated Linear Attention token mixer of DiG (fla's GLA layer with DiG's settings)."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from kernels_pallas.gla import chunk_gla
+
+HEAD_KEY_DIM = 32  # key_dim = D/2 and value_dim = D, so every DiG size has d_k 32, d_v 64
+# xavier_uniform with gain 2 ** -2.5 (variance scale = gain ** 2), as the reference initialises GLA
+_gla_init = nnx.initializers.variance_scaling(2.0 ** -5, "fan_avg", "uniform")
+
+
+class GatedLinearAttention(nnx.Module):
+  """q, k: D -> D/2; v, output gate: D -> D; low-rank forget gate; per-head RMSNorm; o: D -> D."""
+
+  def __init__(self, hidden: int, num_heads: int, *, gate_low_rank: int = 16,
+               gate_logit_normalizer: float = 16.0, dtype=jnp.float32, backend: str = "auto",
+               interpret: bool = False, rngs: nnx.Rngs):
+    if hidden % (2 * num_heads):
+      raise ValueError(f"GLA hidden size {hidden} must be divisible by 2 * num_heads "
+                       f"({2 * num_heads})")
+    self.num_heads = num_heads
+    self.key_dim, self.value_dim = hidden // 2, hidden
+    self.gate_logit_normalizer = gate_logit_normalizer
+    self.backend, self.interpret = backend, interpret
+
+    def linear(din, dout, bias=False):
+      return nnx.Linear(din, dout, use_bias=bias, kernel_init=_gla_init,
+                        bias_init=nnx.initializers.zeros_init(), dtype=dtype, rngs=rngs)
+
+    self.q_proj = linear(hidden, self.key_dim)
+    self.k_proj = linear(hidden, self.key_dim)
+    self.v_proj = linear(hidden, self.value_dim)
+    self.g_proj = linear(hidden, self.value_dim)
+    self.gk_down = linear(hidden, gate_low_rank)
+    self.gk_up = linear(gate_low_rank, self.key_dim, bias=True)
+    self.o_norm_scale = nnx.Param(jnp.ones((self.value_dim // num_heads,), jnp.float32))
+    self.o_proj = linear(self.value_dim, hidden)
+
+  def __call__(self, x, *, reverse: bool = False):
+    """x: [N, T, D] tokens in this layer's scan order; `reverse` scans from the last token."""
+    n, t, _ = x.shape
+    heads = self.num_heads
+    q = self.q_proj(x).reshape(n, t, heads, -1)
+    k = self.k_proj(x).reshape(n, t, heads, -1)
+    v = self.v_proj(x).reshape(n, t, heads, -1)
+    # Forget gate in log space, fp32: log(sigmoid(.) ** (1/16)), always <= 0.
+    gk = jax.nn.log_sigmoid(self.gk_up(self.gk_down(x)).astype(jnp.float32))
+    gk = (gk / self.gate_logit_normalizer).reshape(n, t, heads, -1)
+    o, _ = chunk_gla(q, k, v, gk, reverse=reverse, backend=self.backend,
+                     interpret=self.interpret)
+    o32 = o.astype(jnp.float32)
+    o32 = o32 * jax.lax.rsqrt(jnp.mean(jnp.square(o32), axis=-1, keepdims=True) + 1e-6)
+    o = (o32 * self.o_norm_scale[...]).astype(x.dtype).reshape(n, t, self.value_dim)
+    return self.o_proj(o * nnx.silu(self.g_proj(x)))
