@@ -69,3 +69,14 @@ def count_parameters(model) -> int:
   params = nnx.state(model, nnx.Param)
   trainable = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
   return trainable + model.grid[0] * model.grid[1] * model.hidden_size
+
+
+def create_model_from_config(config, *, rngs: nnx.Rngs):
+  """The model a training config describes (config.model and config.data)."""
+  m, d = config.model, config.data
+  overrides = {key: m[key] for key in ("depth", "hidden_size", "num_heads") if m.get(key) is not None}
+  overrides["dtype"] = m.dtype
+  if parse_model_name(m.name)[0] == "DiG":
+    overrides["gla_backend"] = m.gla_backend
+  return create_model(m.name, input_size=d.image_size, in_channels=d.channels,
+                      num_classes=d.num_classes, learn_sigma=m.learn_sigma, rngs=rngs, **overrides)

@@ -1,0 +1,112 @@
+"""Class-conditional sampling from a trained run: load a checkpoint, generate, write grid / npz."""
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from PIL import Image
+from tqdm import tqdm
+
+from dig_jax.diffusion import cfg_model_fn, create_schedule, ddim_sample, ddpm_sample
+from dig_jax.train import sharding
+from dig_jax.train.checkpoint import Checkpointer, abstract_like, checkpoint_dir
+from dig_jax.train.state import init_state, make_optimizer, split_model
+
+SAMPLERS = ("ddpm", "ddim")
+
+
+def load_run(workdir: str, step: int | None = None, *, ema: bool = True):
+  """(config, model, step) of a checkpoint in `workdir`: the latest one unless `step` is given."""
+  if not os.path.isdir(workdir):
+    raise FileNotFoundError(f"workdir {workdir!r} does not exist; pass the --workdir of a "
+                            f"training run")
+  if not os.path.isdir(checkpoint_dir(workdir)):
+    raise FileNotFoundError(f"no checkpoints in {workdir!r} (expected {checkpoint_dir(workdir)}/"
+                            f"<step>); train first: python train.py --config ... --workdir {workdir}")
+  ckpt = Checkpointer(workdir, read_only=True)
+  steps = ckpt.all_steps()
+  if not steps:
+    raise FileNotFoundError(f"no complete checkpoint in {checkpoint_dir(workdir)}")
+  if step is None:
+    step = max(steps)
+  elif step not in steps:
+    raise ValueError(f"no checkpoint at step {step} in {workdir!r}; available steps: {steps}")
+  config = ml_collections.ConfigDict(ckpt.read_meta(step)["config"])
+  graphdef, params = split_model(config, seed=0)
+  mesh = sharding.make_mesh()
+  state = init_state(params, make_optimizer(config.train))
+  abstract = abstract_like(state, sharding.state_shardings(state, mesh))
+  params = ckpt.restore_params(step, abstract, ema=ema)
+  ckpt.close()
+  return config, nnx.merge(graphdef, params), step
+
+
+def parse_classes(text: str, num_classes: int) -> list[int]:
+  """"all", "3" or "1,7,9" -> class ids, each checked against [0, num_classes)."""
+  if text == "all":
+    return list(range(num_classes))
+  try:
+    classes = [int(c) for c in text.split(",") if c.strip()]
+  except ValueError:
+    raise ValueError(f"--classes={text!r}; expected 'all' or comma-separated integers") from None
+  bad = [c for c in classes if not 0 <= c < num_classes]
+  if not classes or bad:
+    raise ValueError(f"--classes={text!r}: class ids must be in [0, {num_classes - 1}] "
+                     f"(this model has {num_classes} classes)")
+  return classes
+
+
+def generate(model, labels: np.ndarray, *, num_timesteps: int, sampler: str = "ddpm",
+             steps: int = 250, cfg_scale: float = 1.5, eta: float = 0.0, seed: int = 0,
+             batch_size: int = 64, guidance_channels: int | None = None,
+             learn_sigma: bool = True) -> np.ndarray:
+  """Samples one image per label; returns float32 NHWC in the model's data range ([-1, 1])."""
+  if sampler not in SAMPLERS:
+    raise ValueError(f"sampler {sampler!r}; expected one of {SAMPLERS}")
+  if steps < 1 or steps > num_timesteps:
+    raise ValueError(f"steps={steps}; expected 1..{num_timesteps}")
+  if cfg_scale < 1.0:
+    raise ValueError(f"cfg_scale={cfg_scale}; expected >= 1.0 (1.0 disables guidance)")
+  schedule = create_schedule(num_timesteps, steps)
+  shape = (*model.image_size, model.in_channels)
+  graphdef, params = nnx.split(model)
+
+  @jax.jit
+  def sample_batch(params, y, key):
+    net = nnx.merge(graphdef, params)
+    model_fn = cfg_model_fn(net, y, model.num_classes, cfg_scale,
+                            guidance_channels=guidance_channels)
+    kwargs = dict(learn_sigma=learn_sigma)
+    if sampler == "ddim":
+      return ddim_sample(model_fn, schedule, (y.shape[0], *shape), key, eta=eta, **kwargs)
+    return ddpm_sample(model_fn, schedule, (y.shape[0], *shape), key, **kwargs)
+
+  out = []
+  starts = range(0, len(labels), batch_size)
+  for i, start in enumerate(tqdm(starts, desc=f"sampling ({sampler}, {steps} steps)", unit="batch")):
+    y = labels[start:start + batch_size]
+    pad = batch_size - len(y) if len(labels) > batch_size else 0  # one compiled shape
+    y_full = np.concatenate([y, np.zeros(pad, y.dtype)])
+    x = sample_batch(params, jnp.asarray(y_full), jax.random.fold_in(jax.random.key(seed), i))
+    out.append(np.asarray(x)[:len(y)])
+  return np.concatenate(out)
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+  return np.clip(np.round((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def save_grid(images_uint8: np.ndarray, rows: int, path: str, *, pad: int = 2):
+  """Writes a PNG grid, `rows` rows (one per class), images in row-major order."""
+  n, h, w, c = images_uint8.shape
+  cols = -(-n // rows)
+  grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255, np.uint8)
+  for i, img in enumerate(images_uint8):
+    r, col = divmod(i, cols)
+    grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + col * (w + pad):pad + col * (w + pad) + w] = img
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  Image.fromarray(grid[..., 0] if c == 1 else grid).save(path)

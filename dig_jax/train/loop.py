@@ -1,0 +1,156 @@
+"""The training loop, top to bottom: mesh, data, model, state, resume, step, log, checkpoint."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from dig_jax.data import create_source, train_dataset
+from dig_jax.diffusion import create_schedule
+from dig_jax.train import sharding
+from dig_jax.train.checkpoint import Checkpointer, abstract_like
+from dig_jax.train.metrics import MetricsWriter
+from dig_jax.train.state import init_state, make_optimizer, split_model
+from dig_jax.train.step import make_train_step
+from dig_jax.train.validate import check_config, check_resume_config
+
+
+class StopRequested:
+  """Turns SIGINT (Ctrl-C) and SIGTERM (preemption) into a flag the loop checks between steps."""
+
+  def __init__(self):
+    self.signal_name = None
+    self._previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+      self._previous[sig] = signal.signal(sig, self._handle)
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.signal_name is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt  # a second Ctrl-C: the user really wants out now
+    self.signal_name = signal.Signals(signum).name
+
+  def restore(self):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+  def __bool__(self):
+    return self.signal_name is not None
+
+
+class NonFiniteLossError(RuntimeError):
+  pass
+
+
+def train(config, workdir: str) -> int:
+  """Trains (or resumes) the run in `workdir` up to config.train.total_steps; returns the step."""
+  check_config(config)
+  os.makedirs(workdir, exist_ok=True)
+  is_main = jax.process_index() == 0
+  tc = config.train
+
+  # --- Mesh and input -------------------------------------------------------------------------
+  mesh = sharding.make_mesh()
+  if tc.global_batch_size % mesh.size:
+    raise ValueError(f"config.train.global_batch_size={tc.global_batch_size} must be divisible "
+                     f"by the number of devices ({mesh.size})")
+  source = create_source(config.data.name)
+  if source.num_classes != config.data.num_classes or source.image_shape[-1] != config.data.channels:
+    raise ValueError(f"data source {config.data.name!r} has {source.num_classes} classes and "
+                     f"{source.image_shape[-1]} channels, config says {config.data.num_classes} "
+                     f"and {config.data.channels}")
+  data_iter = iter(train_dataset(source, global_batch_size=tc.global_batch_size,
+                                 image_size=config.data.image_size, seed=config.seed))
+
+  # --- Model, optimizer, diffusion ------------------------------------------------------------
+  graphdef, params = split_model(config, config.seed)
+  tx = make_optimizer(tc)
+  schedule = create_schedule(config.diffusion.num_timesteps)
+  state_sharding = sharding.state_shardings(init_state(params, tx), mesh)
+  state = jax.device_put(init_state(params, tx), state_sharding)
+  del params
+
+  # --- Resume ---------------------------------------------------------------------------------
+  ckpt = Checkpointer(workdir, keep=tc.keep_checkpoints)
+  latest = ckpt.latest_step()
+  if latest is not None:
+    check_resume_config(ckpt.read_meta(latest)["config"], config)
+    state = ckpt.restore(latest, abstract_like(state, state_sharding), data_iter)
+    logging.info("Resumed from %s at step %d", ckpt.directory, latest)
+    if is_main:
+      print(f"Resuming from step {latest} ({ckpt.directory})", flush=True)
+  else:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      json.dump(config.to_dict(), f, indent=2)
+
+  # --- Step -----------------------------------------------------------------------------------
+  step_fn = make_train_step(graphdef, tx, schedule, tc, null_class=config.data.num_classes,
+                            learn_sigma=config.model.learn_sigma,
+                            base_key=jax.random.key(config.seed))
+  replicated = sharding.replicated(mesh)
+  train_step = jax.jit(step_fn, in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
+                       out_shardings=(state_sharding, replicated), donate_argnums=0)
+
+  # --- Loop -----------------------------------------------------------------------------------
+  step = int(jax.device_get(state["step"]))
+  writer = MetricsWriter(workdir)
+  stop = StopRequested()
+  bar = tqdm(total=tc.total_steps, initial=step, disable=not is_main, unit="step",
+             dynamic_ncols=True)
+  last_saved = latest
+  window_start, window_steps = time.time(), 0
+
+  def save():
+    nonlocal last_saved
+    if step != last_saved:
+      ckpt.save(state, state["ema_params"], data_iter, config.to_dict())
+      last_saved = step
+
+  try:
+    with jax.set_mesh(mesh):
+      while step < tc.total_steps and not stop:
+        batch = sharding.global_batch(next(data_iter), mesh)
+        state, metrics = train_step(state, batch)
+        step += 1
+        window_steps += 1
+        bar.update(1)
+        log_now = step % tc.log_every == 0 or step == tc.total_steps
+        save_now = step % tc.checkpoint_every == 0
+        if not (log_now or save_now):
+          continue
+        metrics = jax.device_get(metrics)  # syncs with the device only here
+        if not metrics.pop("finite"):
+          raise NonFiniteLossError(
+              f"non-finite loss or gradient at step {step} (loss={metrics['loss']}, "
+              f"grad_norm={metrics['grad_norm']}); stopping without saving, the last "
+              f"checkpoint (step {last_saved}) is intact")
+        if log_now:
+          metrics["steps_per_sec"] = window_steps / max(time.time() - window_start, 1e-9)
+          window_start, window_steps = time.time(), 0
+          writer.write(step, metrics)
+          bar.set_postfix(loss=f"{metrics['loss']:.4f}", mse=f"{metrics['mse']:.4f}")
+        if save_now:
+          save()
+      if stop and is_main:
+        bar.write(f"{stop.signal_name} received: saving a checkpoint at step {step} and stopping")
+      if step != last_saved:
+        if not _state_is_finite(state):
+          raise NonFiniteLossError(f"parameters are not finite at step {step}; not saving, "
+                                   f"the last checkpoint (step {last_saved}) is intact")
+        save()
+  finally:
+    bar.close()
+    stop.restore()
+    ckpt.close()
+  return step
+
+
+def _state_is_finite(state) -> bool:
+  leaves = jax.tree.leaves(jax.device_get(state["params"]))
+  return all(np.isfinite(x).all() for x in leaves)

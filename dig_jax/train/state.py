@@ -1,0 +1,32 @@
+"""The train state (a plain dict pytree): step, params, EMA params, optimizer state."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from dig_jax.models import create_model_from_config
+
+
+def make_optimizer(train_config) -> optax.GradientTransformation:
+  """AdamW with linear warm-up, optional global-norm clipping."""
+  lr = train_config.learning_rate
+  schedule = (optax.linear_schedule(0.0, lr, train_config.warmup_steps)
+              if train_config.warmup_steps > 0 else optax.constant_schedule(lr))
+  tx = optax.adamw(schedule, weight_decay=train_config.weight_decay)
+  if train_config.grad_clip_norm > 0:
+    tx = optax.chain(optax.clip_by_global_norm(train_config.grad_clip_norm), tx)
+  return tx
+
+
+def split_model(config, seed: int):
+  """Builds the model and returns (graphdef, params); the model holds nothing but Params."""
+  model = create_model_from_config(config, rngs=nnx.Rngs(seed))
+  graphdef, params = nnx.split(model, nnx.Param)
+  return graphdef, params
+
+
+def init_state(params, tx) -> dict:
+  return {"step": jnp.zeros((), jnp.int32), "params": params,
+          "ema_params": jax.tree.map(jnp.copy, params), "opt_state": tx.init(params)}

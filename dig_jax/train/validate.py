@@ -1,0 +1,48 @@
+"""Checks of a training config at load time, with messages that name the value and the rule."""
+from __future__ import annotations
+
+from dig_jax.models.layers import check_image_size
+from dig_jax.models.registry import parse_model_name
+from kernels_pallas.gla.api import BACKENDS
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _require(ok: bool, message: str):
+  if not ok:
+    raise ValueError(message)
+
+
+def check_config(config):
+  """Raises ValueError on the first setting that cannot work."""
+  _, _, patch = parse_model_name(config.model.name)
+  check_image_size(config.data.image_size, patch)
+  _require(config.model.dtype in DTYPES,
+           f"config.model.dtype={config.model.dtype!r}; expected one of {DTYPES}")
+  _require(config.model.gla_backend in BACKENDS,
+           f"config.model.gla_backend={config.model.gla_backend!r}; expected one of {BACKENDS}")
+  tc = config.train
+  for key in ("global_batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
+    _require(tc[key] >= 1, f"config.train.{key}={tc[key]}; expected an integer >= 1")
+  _require(tc.total_steps >= 0, f"config.train.total_steps={tc.total_steps}; expected >= 0")
+  _require(tc.warmup_steps >= 0, f"config.train.warmup_steps={tc.warmup_steps}; expected >= 0")
+  _require(tc.learning_rate > 0, f"config.train.learning_rate={tc.learning_rate}; expected > 0")
+  _require(0.0 <= tc.ema_decay < 1.0, f"config.train.ema_decay={tc.ema_decay}; expected [0, 1)")
+  _require(0.0 <= tc.label_dropout < 1.0,
+           f"config.train.label_dropout={tc.label_dropout}; expected [0, 1)")
+  _require(config.diffusion.num_timesteps >= 2,
+           f"config.diffusion.num_timesteps={config.diffusion.num_timesteps}; expected >= 2")
+
+
+def check_resume_config(saved: dict, config):
+  """A workdir's checkpoint must come from the same model, data and diffusion settings."""
+  current = config.to_dict()
+  diffs = []
+  for section in ("model", "data", "diffusion"):
+    for key in sorted(set(saved.get(section, {})) | set(current[section])):
+      before, now = saved.get(section, {}).get(key), current[section].get(key)
+      if before != now:
+        diffs.append(f"{section}.{key}: checkpoint {before!r}, config {now!r}")
+  if diffs:
+    raise ValueError("the workdir holds a checkpoint of a different run; use another --workdir "
+                     "or the same settings. Differences: " + "; ".join(diffs))
