@@ -6,6 +6,8 @@
 Restarting the same command resumes from the newest checkpoint in --workdir. Ctrl-C or SIGTERM
 saves a checkpoint at the current step and exits cleanly.
 """
+import sys
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -22,10 +24,25 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
-  from dig_jax.train import train  # after flag parsing: keeps --help fast
-  step = train(flags.FLAGS.config, flags.FLAGS.workdir)
+  from dig_jax.train import ConfigError, NonFiniteLossError, train  # after flags: fast --help
+  try:
+    step = train(flags.FLAGS.config, flags.FLAGS.workdir)
+  except (ConfigError, NonFiniteLossError) as e:
+    sys.exit(f"error: {e}")
   print(f"Training stopped at step {step}; checkpoints in {flags.FLAGS.workdir}/checkpoints")
 
 
+def parse_flags(argv):
+  """absl parsing, with a one-line message for an override of a config key that does not exist."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    sys.exit(f"error: {e}")
+  except (AttributeError, KeyError) as e:
+    bad = [a.split("=")[0] for a in argv if a.startswith("--config.")]
+    sys.exit(f"error: unknown config key in {' '.join(bad)} ({e}); see the config file for "
+             f"the keys that exist")
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -55,9 +55,11 @@ class DigitsSource:
     return {"image": self.images[index], "label": self.labels[index]}
 
 
+SOURCES = {"digits": DigitsSource}
+
+
 def create_source(name: str) -> ImageSource:
   """The data source a config names (config.data.name)."""
-  sources = {"digits": DigitsSource}
-  if name not in sources:
-    raise ValueError(f"unknown data source {name!r}; expected one of {sorted(sources)}")
-  return sources[name]()
+  if name not in SOURCES:
+    raise ValueError(f"unknown data source {name!r}; expected one of {sorted(SOURCES)}")
+  return SOURCES[name]()

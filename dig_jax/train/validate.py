@@ -1,22 +1,28 @@
 """Checks of a training config at load time, with messages that name the value and the rule."""
 from __future__ import annotations
 
-from dig_jax.models.layers import check_image_size
-from dig_jax.models.registry import parse_model_name
+from flax import nnx
+
+from dig_jax.data.sources import SOURCES
+from dig_jax.models.registry import create_model_from_config
 from kernels_pallas.gla.api import BACKENDS
 
 DTYPES = ("float32", "bfloat16", "float16")
 
 
+class ConfigError(ValueError):
+  """A setting that cannot work; the CLI prints it as one line."""
+
+
 def _require(ok: bool, message: str):
   if not ok:
-    raise ValueError(message)
+    raise ConfigError(message)
 
 
 def check_config(config):
-  """Raises ValueError on the first setting that cannot work."""
-  _, _, patch = parse_model_name(config.model.name)
-  check_image_size(config.data.image_size, patch)
+  """Raises ConfigError on the first setting that cannot work."""
+  _require(config.data.name in SOURCES,
+           f"config.data.name={config.data.name!r}; expected one of {sorted(SOURCES)}")
   _require(config.model.dtype in DTYPES,
            f"config.model.dtype={config.model.dtype!r}; expected one of {DTYPES}")
   _require(config.model.gla_backend in BACKENDS,
@@ -32,6 +38,10 @@ def check_config(config):
            f"config.train.label_dropout={tc.label_dropout}; expected [0, 1)")
   _require(config.diffusion.num_timesteps >= 2,
            f"config.diffusion.num_timesteps={config.diffusion.num_timesteps}; expected >= 2")
+  try:  # model name, sizes and patch divisibility, checked without allocating anything
+    nnx.eval_shape(lambda: create_model_from_config(config, rngs=nnx.Rngs(0)))
+  except ValueError as e:
+    raise ConfigError(f"config.model / config.data: {e}") from None
 
 
 def check_resume_config(saved: dict, config):
@@ -44,5 +54,5 @@ def check_resume_config(saved: dict, config):
       if before != now:
         diffs.append(f"{section}.{key}: checkpoint {before!r}, config {now!r}")
   if diffs:
-    raise ValueError("the workdir holds a checkpoint of a different run; use another --workdir "
+    raise ConfigError("the workdir holds a checkpoint of a different run; use another --workdir "
                      "or the same settings. Differences: " + "; ".join(diffs))
