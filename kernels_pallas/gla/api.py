@@ -1,10 +1,14 @@
-"""`chunk_gla`: the one entry point the model calls; checks inputs and picks a backend."""
+"""`chunk_gla`: the one entry point the model calls; checks inputs, picks a backend, and
+wraps the Pallas kernels in a custom_vjp (the backward kernel needs the per-chunk states the
+forward kernel saves; Pallas calls have no autodiff of their own)."""
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
 
-from kernels_pallas.gla import reference
+from kernels_pallas.gla import pallas_gpu, pallas_tpu, reference
 
 BACKENDS = ("auto", "reference", "pallas_gpu", "pallas_tpu")
 _INPUT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
@@ -33,6 +37,17 @@ def _check_inputs(q, k, v, g, initial_state):
                        f"got {initial_state.shape}")
 
 
+_KERNEL_DIMS = (16, 256)  # head dims (K and V) the Pallas kernels accept
+
+
+def _check_kernel_limits(q, v, backend):
+  for name, d in (("K", q.shape[-1]), ("V", v.shape[-1])):
+    if not _KERNEL_DIMS[0] <= d <= _KERNEL_DIMS[1]:
+      raise ValueError(f"chunk_gla: backend {backend!r} supports head dims {name} from "
+                       f"{_KERNEL_DIMS[0]} to {_KERNEL_DIMS[1]}, got {name}={d}; "
+                       f"use backend='reference'")
+
+
 def _platform(x) -> str:
   try:
     return next(iter(x.devices())).platform
@@ -46,10 +61,64 @@ def resolve_backend(backend: str, x) -> str:
     raise ValueError(f"chunk_gla: unknown backend {backend!r}; expected one of {BACKENDS}")
   if backend != "auto":
     return backend
-  # The Pallas kernels are a separate piece of work; until they land, every platform uses the
-  # pure-jnp chunked form.
-  del x
-  return "reference"
+  return {"gpu": "pallas_gpu", "cuda": "pallas_gpu", "tpu": "pallas_tpu"}.get(
+      _platform(x), "reference")
+
+
+def _next_pow2(n):
+  return 1 << (n - 1).bit_length()
+
+
+def _pad_axis(x, axis, size):
+  if x.shape[axis] == size:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, size - x.shape[axis])
+  return jnp.pad(x, widths)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _pallas_gla(q, k, v, g, h0, scale, reverse, backend, interpret):
+  o, ht, _ = _KERNELS[backend].forward(q, k, v, g, h0, scale=scale, reverse=reverse,
+                                       interpret=interpret)
+  return o, ht
+
+
+def _pallas_gla_fwd(q, k, v, g, h0, scale, reverse, backend, interpret):
+  o, ht, states = _KERNELS[backend].forward(q, k, v, g, h0, scale=scale, reverse=reverse,
+                                            interpret=interpret)
+  return (o, ht), (q, k, v, g, states, ht)
+
+
+def _pallas_gla_bwd(scale, reverse, backend, interpret, residuals, cotangents):
+  q, k, v, g, states, ht = residuals
+  do, dht = cotangents
+  # The final state is exp(sum of all g) times everything, so dL/dht . ht reaches every g_t.
+  dg0 = jnp.sum(ht * dht, axis=-1)[:, :, None, :]
+  return _KERNELS[backend].backward(q, k, v, g, do.astype(v.dtype), states, dht, dg0,
+                                    scale=scale, reverse=reverse, interpret=interpret)
+
+
+_pallas_gla.defvjp(_pallas_gla_fwd, _pallas_gla_bwd)
+_KERNELS = {"pallas_gpu": pallas_gpu, "pallas_tpu": pallas_tpu}
+
+
+def _run_pallas(q, k, v, g, initial_state, scale, reverse, backend, interpret):
+  """Pads T to whole chunks (zero keys and log-gates change nothing) and, for the GPU
+  (Triton needs power-of-two tiles), K and V to powers of two; then runs the kernels."""
+  b, t, h, kd = q.shape
+  vd = v.shape[-1]
+  kernels = _KERNELS[backend]
+  tp = -(-t // kernels.CHUNK) * kernels.CHUNK
+  kp, vp = (_next_pow2(kd), _next_pow2(vd)) if backend == "pallas_gpu" else (kd, vd)
+  if initial_state is None:
+    h0 = jnp.zeros((b, h, kp, vp), jnp.float32)
+  else:
+    h0 = _pad_axis(_pad_axis(initial_state.astype(jnp.float32), 2, kp), 3, vp)
+  q, k, g = (_pad_axis(_pad_axis(x, 1, tp), 3, kp) for x in (q, k, g))
+  v = _pad_axis(_pad_axis(v, 1, tp), 3, vp)
+  o, ht = _pallas_gla(q, k, v, g, h0, scale, reverse, backend, interpret)
+  return o[:, :t, :, :vd], ht[:, :, :kd, :vd]
 
 
 def chunk_gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state=False,
@@ -63,15 +132,17 @@ def chunk_gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state=
     output_final_state: also return the [B, H, K, V] float32 state after the last token.
     reverse: scan from the last token to the first.
     backend: "auto", "reference", "pallas_gpu" or "pallas_tpu".
-    interpret: run a Pallas backend in interpret mode (CPU testing).
+    interpret: run a Pallas backend in interpret mode (CPU testing); True, or for the TPU
+      kernel a `pltpu.InterpretParams`.
   Returns:
     (o [B, T, H, V] in v's dtype, final_state or None).
   """
   _check_inputs(q, k, v, g, initial_state)
   chosen = resolve_backend(backend, q)
-  kwargs = dict(scale=scale, initial_state=initial_state,
-                output_final_state=output_final_state, reverse=reverse)
   if chosen == "reference":
-    return reference.chunked_gla(q, k, v, g, **kwargs)
-  raise NotImplementedError(f"chunk_gla: backend {chosen!r} is not available yet; "
-                            f"use backend='reference'")
+    return reference.chunked_gla(q, k, v, g, scale=scale, initial_state=initial_state,
+                                 output_final_state=output_final_state, reverse=reverse)
+  _check_kernel_limits(q, v, chosen)
+  scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+  o, ht = _run_pallas(q, k, v, g, initial_state, scale, reverse, chosen, interpret)
+  return o, (ht if output_final_state else None)

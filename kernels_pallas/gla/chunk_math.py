@@ -1,0 +1,157 @@
+"""GLA math for one chunk, shared by the GPU and TPU kernels (values in, values out).
+
+Rows of a chunk are in memory order; `reverse=True` means the scan visits them last to first.
+Within a chunk, G = cumulative log-gate in scan order. The intra-chunk scores
+A[i, j] = sum_c q_ic k_jc exp(G_ic - G_jc) (j at or before i in scan order) are built by
+recursive halving: for a block of 2h rows, queries in its second half see keys in its first
+half through one matmul anchored at the boundary between the halves, so the query factor
+exp(G_i - G_mid) and the key factor exp(G_mid - G_j) are both <= 1 whatever the gates.
+Both exponents are sums of g over a segment of h rows, so no gather of G is needed:
+for h = C/2, C/4, ..., 1 one [C, C] masked matmul each, and the diagonal is q_i . k_i.
+
+Matmul precision: operands that are inputs scaled by gate factors (q, k, v, do) stay in the
+input dtype; operands that are sums (state, its gradient, score gradients) stay float32 with
+`ops.sum_precision` (TF32 on GPU, fp32 on TPU), which keeps bf16 gate gradients within
+5e-3 of fp32. Float32 inputs use exact fp32 everywhere.
+
+`ops` supplies what the Pallas backends lower differently: `cumsum(x, h, reverse)`
+(inclusive, within segments of h rows), `segsum(x, h)` (each row gets its segment's total)
+and `sum_precision`.
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+f32 = jnp.float32
+
+
+class Ops(NamedTuple):
+  cumsum: Callable  # (x [C, D], h, reverse) -> [C, D]
+  segsum: Callable  # (x [C, D], h) -> [C, D]
+  sum_precision: jax.lax.Precision  # fp32 matmuls of sums when inputs are 16-bit
+
+
+class _Precision(NamedTuple):
+  """How the matmuls of one chunk take their operands."""
+  inputs: jnp.dtype  # operand dtype for scaled inputs (bf16 MMA for bf16 inputs)
+  sums: object       # precision of float32 matmuls with a sum as operand
+
+  @classmethod
+  def of(cls, dtype, ops):
+    if dtype == f32:
+      return cls(f32, jax.lax.Precision.HIGHEST)
+    return cls(dtype, ops.sum_precision)
+
+
+def _dot(a, b, contract, prec, sums=False):
+  """fp32-accumulated matmul; `sums`: an operand is a float32 sum, not a scaled input."""
+  dtype = f32 if sums else prec.inputs
+  return jax.lax.dot_general(a.astype(dtype), b.astype(dtype), (contract, ((), ())),
+                             precision=prec.sums if dtype == f32 else None,
+                             preferred_element_type=f32)
+
+
+def _nn(a, b, dt, sums=False):  # a @ b
+  return _dot(a, b, ((1,), (0,)), dt, sums)
+
+
+def _nt(a, b, dt, sums=False):  # a @ b.T
+  return _dot(a, b, ((1,), (1,)), dt, sums)
+
+
+def _tn(a, b, dt, sums=False):  # a.T @ b
+  return _dot(a, b, ((0,), (0,)), dt, sums)
+
+
+def _levels(c):
+  h = c // 2
+  while h >= 1:
+    yield h
+    h //= 2
+
+
+def _iotas(c):
+  return (jax.lax.broadcasted_iota(jnp.int32, (c, c), 0),
+          jax.lax.broadcasted_iota(jnp.int32, (c, c), 1))
+
+
+def _level_mask(i, j, h, reverse):
+  """Queries in the second half (scan order) of each 2h block x keys in its first half."""
+  if reverse:
+    i, j = j, i
+  shift = h.bit_length() - 1
+  bi, bj = i >> shift, j >> shift
+  return ((bi & 1) == 1) & (bj == bi - 1)
+
+
+def _level_factors(g, h, reverse, ops):
+  """exp(G_i - G_mid) for query rows and exp(G_mid - G_j) for key rows, both <= 1."""
+  cum = ops.cumsum(g, h, reverse)
+  return jnp.exp(cum), jnp.exp(ops.segsum(g, h) - cum)
+
+
+def _chunk_decays(g, reverse, ops):
+  """exp(G) for queries, exp(gamma - G) for keys, exp(gamma) as a [K, 1] column."""
+  cum = ops.cumsum(g, g.shape[0], reverse)
+  total = jnp.sum(g, axis=0, keepdims=True)
+  total_col = jnp.sum(g.T, axis=1, keepdims=True)
+  return jnp.exp(cum), jnp.exp(total - cum), jnp.exp(total_col)
+
+
+def forward(q, k, v, g, state, *, scale, reverse, ops):
+  """One chunk. q, k [C, K], v [C, V] (input dtype), g [C, K] and state [K, V] float32.
+
+  Returns (o [C, V] float32, state after the chunk).
+  """
+  dt = _Precision.of(q.dtype, ops)
+  c = q.shape[0]
+  qf, kf = q.astype(f32), k.astype(f32)
+  eq, ek, decay = _chunk_decays(g, reverse, ops)
+  i, j = _iotas(c)
+  a = jnp.where(i == j, jnp.sum(qf * kf, axis=1, keepdims=True), 0.0)
+  for h in _levels(c):
+    fq, fk = _level_factors(g, h, reverse, ops)
+    a += jnp.where(_level_mask(i, j, h, reverse), _nt(qf * fq, kf * fk, dt), 0.0)
+  o = scale * (_nn(qf * eq, state, dt, sums=True) + _nn(a, v, dt))
+  state = decay * state + _tn(kf * ek, v, dt)
+  return o, state
+
+
+def backward(q, k, v, g, do, state, dstate, dg_carry, *, scale, reverse, ops):
+  """Gradients of one chunk, visited in reverse scan order.
+
+  state: state entering the chunk; dstate: gradient of the state leaving it; dg_carry [1, K]:
+  sum over later tokens of q*dq - k*dk plus the final-state term (see api.py).
+  Returns (dq, dk, dv, dg, dstate entering the chunk, dg_carry), all float32.
+  """
+  dt = _Precision.of(q.dtype, ops)
+  c = q.shape[0]
+  qf, kf, vf = q.astype(f32), k.astype(f32), v.astype(f32)
+  dof = scale * do.astype(f32)
+  eq, ek, decay = _chunk_decays(g, reverse, ops)
+  i, j = _iotas(c)
+  causal = (j <= i) if not reverse else (j >= i)
+  da = jnp.where(causal, _nt(dof, vf, dt), 0.0)
+  da_diag = jnp.sum(jnp.where(i == j, da, 0.0), axis=1, keepdims=True)
+
+  dq = eq * _nt(dof, state, dt, sums=True) + da_diag * kf
+  dk = ek * _nt(vf, dstate, dt, sums=True) + da_diag * qf
+  a = jnp.where(i == j, jnp.sum(qf * kf, axis=1, keepdims=True), 0.0)
+  for h in _levels(c):
+    fq, fk = _level_factors(g, h, reverse, ops)
+    qh, kh = qf * fq, kf * fk
+    mask = _level_mask(i, j, h, reverse)
+    a += jnp.where(mask, _nt(qh, kh, dt), 0.0)
+    da_h = jnp.where(mask, da, 0.0)
+    dq += fq * _nn(da_h, kh, dt, sums=True)
+    dk += fk * _tn(da_h, qh, dt, sums=True)
+  dv = _tn(a, dof, dt) + _nn(kf * ek, dstate, dt, sums=True)
+
+  x = qf * dq - kf * dk  # dL/dG per token; dg is its suffix sum in scan order
+  dg = ops.cumsum(x, c, not reverse) + dg_carry
+  dg_carry = dg_carry + jnp.sum(x, axis=0, keepdims=True)
+  dstate = decay * dstate + _tn(qf * eq, dof, dt)
+  return dq, dk, dv, dg, dstate, dg_carry
