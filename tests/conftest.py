@@ -21,3 +21,36 @@ def randomize_params(model, seed: int = 0, scale: float = 0.1):
 def rng():
   import numpy as np
   return np.random.default_rng(0)
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(**train_overrides):
+  """configs/digits.py:runlocal (a 2-layer DiG, batch 8) with train.* overrides."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("digits_config",
+                                                os.path.join(REPO, "configs", "digits.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config("runlocal")
+  for key, value in train_overrides.items():
+    config.train[key] = value
+  return config
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+  """A workdir holding a 4-step run of the tiny digits config (checkpoints at 2 and 4)."""
+  from dig_jax.train import train
+  workdir = str(tmp_path_factory.mktemp("tiny_run"))
+  train(tiny_config(total_steps=4, checkpoint_every=2), workdir)
+  return workdir
+
+
+def run_cli(*args, timeout=600):
+  """Runs a repository script in a subprocess; returns the CompletedProcess (text output)."""
+  import subprocess
+  import sys
+  return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True,
+                        timeout=timeout)

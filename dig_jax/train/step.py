@@ -42,7 +42,7 @@ def make_train_step(graphdef, tx, schedule, train_config, *, null_class: int,
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     ema = optax.incremental_update(params, state["ema_params"], step_size=1.0 - ema_decay)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     metrics = {"loss": loss, "mse": jnp.mean(terms["mse"]), "vb": jnp.mean(terms["vb"]),
                "grad_norm": grad_norm,
                "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm)}
