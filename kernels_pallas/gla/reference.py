@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 CHUNK = 64       # tokens per chunk (matmul granularity)
-SUB_CHUNK = 16   # tokens per sub-chunk (granularity of the elementwise log-space diagonal)
+SUB_CHUNK = 8    # tokens per sub-chunk (granularity of the elementwise log-space diagonal)
 _HI = jax.lax.Precision.HIGHEST
 
 
@@ -56,32 +56,28 @@ def _intra_chunk_scores(q, k, cum_g):
   """Causal gated scores A[i, j] = sum_c q_ic k_jc exp(G_ic - G_jc), j <= i, per chunk.
 
   q, k, cum_g: [..., C, K] (cum_g = inclusive cumulative log-gate within the chunk).
-  Off-diagonal sub-chunk blocks use one matmul anchored at the query sub-chunk's first row
-  (both factors <= 1); diagonal sub-chunk blocks are computed elementwise in log space.
+  Between sub-chunks I > J the decay splits into three factors, each <= 1: from the first row of
+  I to the query, from the key to the last row of J, and the bridge from the end of J to the start
+  of I; so the block is one matmul. Diagonal sub-chunk blocks are computed elementwise in log space.
   """
   *lead, c, kd = q.shape
   n_sub, s = c // SUB_CHUNK, SUB_CHUNK
-  qs = q.reshape(*lead, n_sub, s, kd)
-  gs = cum_g.reshape(*lead, n_sub, s, kd)
-  anchor = gs[..., :, :1, :]                                             # [..., NS, 1, K]
-  q_anchored = qs * jnp.exp(gs - anchor)                                 # G_i - a <= 0
-  # For every query sub-chunk I, keys of the whole chunk scaled by exp(a_I - G_j); only keys of
-  # earlier sub-chunks are kept, where the exponent is <= 0 (the clamp only touches masked keys).
-  k_anchored = k[..., None, :, :] * jnp.exp(
-      jnp.minimum(anchor - cum_g[..., None, :, :], 0.0))                 # [..., NS, C, K]
-  off = jnp.einsum("...nik,...njk->...nij", q_anchored, k_anchored, precision=_HI)
-  key_sub = jnp.arange(c) // s
-  off = jnp.where(key_sub[None, None, :] < jnp.arange(n_sub)[:, None, None], off, 0.0)
+  qs, ks, gs = (x.reshape(*lead, n_sub, s, kd) for x in (q, k, cum_g))
+  first, last = gs[..., :1, :], gs[..., -1:, :]                          # [..., NS, 1, K]
+  q_from_first = qs * jnp.exp(gs - first)
+  k_to_last = ks * jnp.exp(last - gs)
+  # exp(first_I - last_J) <= 1 for J < I; the clamp only touches blocks that are masked out.
+  bridge = jnp.exp(jnp.minimum(first[..., :, None, 0, :] - last[..., None, :, 0, :], 0.0))
+  off = jnp.einsum("...ixk,...ijk,...jyk->...ixjy", q_from_first, bridge, k_to_last,
+                   precision=_HI)                                        # [..., NS, s, NS, s]
+  sub = jnp.arange(n_sub)
+  off = jnp.where((sub[None, :] < sub[:, None])[:, None, :, None], off, 0.0)
 
   causal = jnp.arange(s)[:, None] >= jnp.arange(s)[None, :]
-  log_decay = gs[..., :, None, :] - gs[..., None, :, :]                  # [..., NS, s, s, K]
-  log_decay = jnp.where(causal[..., None], log_decay, -jnp.inf)
-  ks = k.reshape(qs.shape)
+  log_decay = jnp.where(causal[..., None], gs[..., :, None, :] - gs[..., None, :, :], -jnp.inf)
   diag = jnp.einsum("...nik,...njk,...nijk->...nij", qs, ks, jnp.exp(log_decay), precision=_HI)
-  # Put the diagonal blocks in place: [..., NS, s, C] with block I at columns I*s:(I+1)*s.
-  diag_full = jnp.einsum("...nij,nm->...nimj", diag, jnp.eye(n_sub, dtype=diag.dtype))
-  diag_full = diag_full.reshape(*lead, n_sub, s, c)
-  return (off + diag_full).reshape(*lead, c, c)
+  diag = jnp.einsum("...nij,nm->...nimj", diag, jnp.eye(n_sub, dtype=diag.dtype))
+  return (off + diag).reshape(*lead, c, c)
 
 
 def chunked_gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state=False,
