@@ -40,6 +40,12 @@ def base_config() -> config_dict.ConfigDict:
   config.diffusion = config_dict.ConfigDict()
   config.diffusion.num_timesteps = 1000
 
+  config.mesh = config_dict.ConfigDict()                  # devices = data x fsdp; -1 = the rest
+  config.mesh.data = -1
+  config.mesh.fsdp = 1                                     # >1 shards params and optimizer state
+  config.mesh.fsdp_min_size_mb = 4.0                       # smaller arrays stay replicated
+  config.distributed = False                               # jax.distributed.initialize() first
+
   config.train = config_dict.ConfigDict()
   config.train.global_batch_size = 256
   config.train.total_steps = 400_000
@@ -51,7 +57,8 @@ def base_config() -> config_dict.ConfigDict:
   config.train.label_dropout = 0.1                         # null-class rate, for guidance
   config.train.log_every = 100
   config.train.checkpoint_every = 10_000
-  config.train.keep_checkpoints = 3
+  config.train.keep_checkpoints = 3                        # the newest N checkpoints ...
+  config.train.keep_every = 0                              # ... plus every K-th step (0: none)
 
   config.sample = config_dict.ConfigDict()                 # defaults for sample.py
   config.sample.sampler = "ddpm"

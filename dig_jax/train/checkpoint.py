@@ -26,11 +26,14 @@ def abstract_like(tree, shardings):
 
 
 class Checkpointer:
-  """Saves and restores whole training runs; async writes, keeps the newest `keep` steps."""
+  """Saves and restores whole training runs; async writes; keeps the newest `keep` steps and
+  every `keep_every`-th."""
 
-  def __init__(self, workdir: str, *, keep: int = 3, read_only: bool = False):
+  def __init__(self, workdir: str, *, keep: int = 3, keep_every: int = 0,
+               read_only: bool = False):
     self.directory = checkpoint_dir(workdir)
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, keep_period=keep_every or None,
+                                           create=not read_only,
                                            read_only=read_only,
                                            enable_async_checkpointing=not read_only)
     self.manager = ocp.CheckpointManager(self.directory, options=options)

@@ -8,7 +8,9 @@ import signal
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from dig_jax.data import create_source, train_dataset
@@ -16,9 +18,9 @@ from dig_jax.diffusion import create_schedule
 from dig_jax.train import sharding
 from dig_jax.train.checkpoint import Checkpointer, abstract_like
 from dig_jax.train.metrics import MetricsWriter
-from dig_jax.train.state import init_state, make_optimizer, split_model
+from dig_jax.train.state import create_sharded_state, make_optimizer
 from dig_jax.train.step import make_train_step
-from dig_jax.train.validate import check_config, check_resume_config
+from dig_jax.train.validate import ConfigError, check_config, check_resume_config
 
 
 class StopRequested:
@@ -40,7 +42,14 @@ class StopRequested:
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
 
-  def __bool__(self):
+  def requested(self, step: int) -> bool:
+    """True once a stop was asked for. With several processes, all of them must stop at the
+    same step, so JAX's preemption sync point (which sees SIGTERM on any host) decides."""
+    if jax.process_count() > 1:
+      if multihost_utils.reached_preemption_sync_point(step):
+        self.signal_name = self.signal_name or "SIGTERM"
+        return True
+      return False
     return self.signal_name is not None
 
 
@@ -50,13 +59,15 @@ class NonFiniteLossError(RuntimeError):
 
 def train(config, workdir: str) -> int:
   """Trains (or resumes) the run in `workdir` up to config.train.total_steps; returns the step."""
+  if config.distributed:  # multi-host: must come before any other JAX call
+    jax.distributed.initialize()
   check_config(config)
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
   tc = config.train
 
   # --- Mesh and input -------------------------------------------------------------------------
-  mesh = sharding.make_mesh()
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
   if tc.global_batch_size % mesh.size:
     raise ValueError(f"config.train.global_batch_size={tc.global_batch_size} must be divisible "
                      f"by the number of devices ({mesh.size})")
@@ -69,23 +80,31 @@ def train(config, workdir: str) -> int:
                                  image_size=config.data.image_size, seed=config.seed))
 
   # --- Model, optimizer, diffusion ------------------------------------------------------------
-  graphdef, params = split_model(config, config.seed)
   tx = make_optimizer(tc)
   schedule = create_schedule(config.diffusion.num_timesteps)
-  state_sharding = sharding.state_shardings(init_state(params, tx), mesh)
-  state = jax.device_put(init_state(params, tx), state_sharding)
-  del params
+  graphdef, state, state_sharding = create_sharded_state(config, tx, mesh)
 
   # --- Resume ---------------------------------------------------------------------------------
-  ckpt = Checkpointer(workdir, keep=tc.keep_checkpoints)
-  latest = ckpt.latest_step()
-  if latest is not None:
-    check_resume_config(ckpt.read_meta(latest)["config"], config)
-    state = ckpt.restore(latest, abstract_like(state, state_sharding), data_iter)
-    logging.info("Resumed from %s at step %d", ckpt.directory, latest)
+  ckpt = Checkpointer(workdir, keep=tc.keep_checkpoints, keep_every=tc.keep_every)
+  latest = None
+  for candidate in sorted(ckpt.all_steps(), reverse=True):  # newest first; skip broken ones
+    try:
+      check_resume_config(ckpt.read_meta(candidate)["config"], config)
+      state = ckpt.restore(candidate, abstract_like(state, state_sharding), data_iter)
+    except ConfigError:
+      raise
+    except Exception as e:  # a checkpoint cut short or damaged on disk
+      logging.warning("checkpoint at step %d cannot be restored (%s); trying an older one",
+                      candidate, e)
+      if is_main:
+        print(f"WARNING: checkpoint {candidate} in {ckpt.directory} is unreadable "
+              f"({type(e).__name__}); trying the previous one", flush=True)
+      continue
+    latest = candidate
     if is_main:
       print(f"Resuming from step {latest} ({ckpt.directory})", flush=True)
-  else:
+    break
+  if latest is None and is_main:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       json.dump(config.to_dict(), f, indent=2)
 
@@ -114,7 +133,7 @@ def train(config, workdir: str) -> int:
 
   try:
     with jax.set_mesh(mesh):
-      while step < tc.total_steps and not stop:
+      while step < tc.total_steps and not stop.requested(step):
         batch = sharding.global_batch(next(data_iter), mesh)
         state, metrics = train_step(state, batch)
         step += 1
@@ -137,7 +156,7 @@ def train(config, workdir: str) -> int:
           bar.set_postfix(loss=f"{metrics['loss']:.4f}", mse=f"{metrics['mse']:.4f}")
         if save_now:
           save()
-      if stop and is_main:
+      if stop.signal_name and is_main:
         bar.write(f"{stop.signal_name} received: saving a checkpoint at step {step} and stopping")
       if step != last_saved:
         if not _state_is_finite(state):
@@ -151,6 +170,10 @@ def train(config, workdir: str) -> int:
   return step
 
 
+@jax.jit
+def _all_finite(tree):
+  return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))
+
+
 def _state_is_finite(state) -> bool:
-  leaves = jax.tree.leaves(jax.device_get(state["params"]))
-  return all(np.isfinite(x).all() for x in leaves)
+  return bool(_all_finite(state["params"]))  # reduced on device: works for sharded params too

@@ -7,6 +7,7 @@ import optax
 from flax import nnx
 
 from dig_jax.models import create_model_from_config
+from dig_jax.train import sharding
 
 
 def make_optimizer(train_config) -> optax.GradientTransformation:
@@ -25,6 +26,16 @@ def split_model(config, seed: int):
   model = create_model_from_config(config, rngs=nnx.Rngs(seed))
   graphdef, params = nnx.split(model, nnx.Param)
   return graphdef, params
+
+
+def create_sharded_state(config, tx, mesh):
+  """(graphdef, state, shardings): the initial state built directly in its sharded layout, so no
+  device ever holds the whole unsharded model."""
+  graphdef, _ = nnx.split(nnx.eval_shape(lambda: create_model_from_config(
+      config, rngs=nnx.Rngs(config.seed))), nnx.Param)
+  build = lambda: init_state(split_model(config, config.seed)[1], tx)
+  shardings = sharding.state_shardings(jax.eval_shape(build), mesh, config.mesh.fsdp_min_size_mb)
+  return graphdef, jax.jit(build, out_shardings=shardings)(), shardings
 
 
 def init_state(params, tx) -> dict:

@@ -1,10 +1,12 @@
 """Checks of a training config at load time, with messages that name the value and the rule."""
 from __future__ import annotations
 
+import jax
 from flax import nnx
 
 from dig_jax.data.sources import SOURCES
 from dig_jax.models.registry import create_model_from_config
+from dig_jax.train.sharding import mesh_shape
 from kernels_pallas.gla.api import BACKENDS
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -27,7 +29,14 @@ def check_config(config):
            f"config.model.dtype={config.model.dtype!r}; expected one of {DTYPES}")
   _require(config.model.gla_backend in BACKENDS,
            f"config.model.gla_backend={config.model.gla_backend!r}; expected one of {BACKENDS}")
+  try:
+    mesh_shape(config.mesh.data, config.mesh.fsdp, jax.device_count())
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  _require(config.mesh.fsdp_min_size_mb >= 0,
+           f"config.mesh.fsdp_min_size_mb={config.mesh.fsdp_min_size_mb}; expected >= 0")
   tc = config.train
+  _require(tc.keep_every >= 0, f"config.train.keep_every={tc.keep_every}; expected >= 0")
   for key in ("global_batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
     _require(tc[key] >= 1, f"config.train.{key}={tc[key]}; expected an integer >= 1")
   _require(tc.total_steps >= 0, f"config.train.total_steps={tc.total_steps}; expected >= 0")
