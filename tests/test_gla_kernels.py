@@ -57,7 +57,7 @@ CASES = {  # B, T, H, K, V, dtype, reverse, initial state, strong gates
 @pytest.mark.parametrize("case", list(CASES))
 def test_kernel_matches_recurrent_reference(backend, case):
   b, t, h, kd, vd, dtype, reverse, with_h0, strong = CASES[case]
-  primals, cotangents = _inputs(hash(case) % 1000, b, t, h, kd, vd, dtype, strong)
+  primals, cotangents = _inputs(list(CASES).index(case), b, t, h, kd, vd, dtype, strong)
 
   def kernel(*args, **kw):
     return chunk_gla(*args, reverse=reverse, backend=backend, interpret=True, **kw)

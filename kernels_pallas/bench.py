@@ -1,0 +1,185 @@
+"""Benchmark of the GLA backends: `python -m kernels_pallas.bench [--shape B,T,H,K,V] [--json FILE]`.
+
+Times the forward and forward+backward of every backend available on the default device
+(the jnp reference everywhere; the Pallas kernel of the platform) at DiG's anchor shapes, and
+softmax attention (`jax.nn.dot_product_attention`, cuDNN on GPU) at the matching DiT shape.
+bf16 q, k, v and fp32 log-gates (DiG's: log_sigmoid(x) / 16); warm-up, then the median of
+many runs, rotating among input sets so that small shapes do not run from L2.
+`--check` first compares every backend with the token-by-token reference on this device.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kernels_pallas.gla import chunk_gla, reference
+
+# name: (B, T, GLA heads, K, V, DiT heads, DiT head dim); perf.md's anchors.
+ANCHORS = {
+    "S/2@256": (64, 256, 6, 32, 64, 6, 64),
+    "S/2@1024": (8, 4096, 6, 32, 64, 6, 64),
+    "S/2@1792": (2, 12544, 6, 32, 64, 6, 64),
+    "XL/2@2048": (1, 16384, 18, 32, 64, 16, 72),
+}
+HBM_BYTES_PER_S = 3.0e12  # measured copy bandwidth of an H100 here (perf.md)
+KERNEL_OF_PLATFORM = {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}
+
+
+def hbm_floor_ms(b, t, h, kd, vd):
+  """Fewest bytes of GLA fwd+bwd (bf16 q k v o do dq dk dv, fp32 g dg) over HBM bandwidth."""
+  return b * h * t * (24 * kd + 10 * vd) / HBM_BYTES_PER_S * 1e3
+
+
+def _median_ms(fn, input_sets, runs):
+  for args in input_sets:  # compile and warm up
+    jax.block_until_ready(fn(*args))
+  times = []
+  for i in range(runs):
+    args = input_sets[i % len(input_sets)]
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return statistics.median(times) * 1e3
+
+
+def _gla_inputs(key, b, t, h, kd, vd):
+  ks = jax.random.split(key, 5)
+  q, k = (jax.random.normal(ks[i], (b, t, h, kd), jnp.bfloat16) for i in range(2))
+  v = jax.random.normal(ks[2], (b, t, h, vd), jnp.bfloat16)
+  g = jax.nn.log_sigmoid(jax.random.normal(ks[3], (b, t, h, kd))) / 16
+  do = jax.random.normal(ks[4], (b, t, h, vd), jnp.bfloat16)
+  return q, k, v, g, do
+
+
+def _timed_pair(f, input_sets, runs):
+  """(fwd ms, fwd+bwd ms) of f(q, k, v, ...) -> o."""
+  fwd = jax.jit(lambda *a: f(*a[:-1]))
+
+  def fwd_bwd(*a):
+    o, vjp = jax.vjp(f, *a[:-1])
+    return vjp(a[-1])
+
+  return _median_ms(fwd, input_sets, runs), _median_ms(jax.jit(fwd_bwd), input_sets, runs)
+
+
+def _n_sets(nbytes):
+  return 3 if nbytes < 256 * 2**20 else 1
+
+
+def bench_shape(name, b, t, h, kd, vd, att_heads, att_dim, backends, runs):
+  rows = []
+  per_set = b * t * h * (3 * kd * 2 + 2 * vd * 2)
+  sets = [_gla_inputs(jax.random.PRNGKey(i), b, t, h, kd, vd) for i in range(_n_sets(per_set))]
+  floor = hbm_floor_ms(b, t, h, kd, vd)
+  for backend in backends:
+    f = lambda q, k, v, g, backend=backend: chunk_gla(q, k, v, g, backend=backend)[0]
+    try:
+      fwd, fwd_bwd = _timed_pair(f, sets, runs)
+      rows.append(dict(backend=backend, shape=name, B=b, T=t, H=h, K=kd, V=vd, fwd_ms=fwd,
+                       fwd_bwd_ms=fwd_bwd, x_hbm_floor=fwd_bwd / floor))
+    except Exception as e:  # keep the table going: one failing backend is a result too
+      rows.append(dict(backend=backend, shape=name, error=repr(e)[:300]))
+  if att_heads and jax.default_backend() == "gpu":
+    ks = jax.random.split(jax.random.PRNGKey(7), 4 * len(sets))
+    att_sets = [tuple(jax.random.normal(ks[4 * s + i], (b, t, att_heads, att_dim), jnp.bfloat16)
+                      for i in range(4)) for s in range(len(sets))]
+    att = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+    try:
+      fwd, fwd_bwd = _timed_pair(att, att_sets, runs)
+      rows.append(dict(backend="cudnn attention (DiT)", shape=name, B=b, T=t, H=att_heads,
+                       D=att_dim, fwd_ms=fwd, fwd_bwd_ms=fwd_bwd))
+    except Exception as e:
+      rows.append(dict(backend="cudnn attention (DiT)", shape=name, error=repr(e)[:300]))
+  ref = next((r for r in rows if r["backend"] == "reference" and "error" not in r), None)
+  for r in rows:
+    if ref and "error" not in r:
+      r["speedup_vs_ref"] = ref["fwd_bwd_ms"] / r["fwd_bwd_ms"]
+  return rows
+
+
+def check(backends):
+  """Relative RMS error of output, final state and all gradients vs recurrent_gla."""
+  b, t, h, kd, vd = 2, 300, 3, 32, 64
+  q, k, v, g, do = _gla_inputs(jax.random.PRNGKey(11), b, t, h, kd, vd)
+  ks = jax.random.split(jax.random.PRNGKey(12), 2)
+  h0, dht = (jax.random.normal(kk, (b, h, kd, vd)) for kk in ks)
+  results = []
+  for reverse in (False, True):
+    def grads(fn):
+      run = lambda *a: fn(*a[:4], initial_state=a[4], output_final_state=True, reverse=reverse)
+      (o, ht), vjp = jax.vjp(run, q, k, v, g, h0)
+      return (o, ht) + vjp((do.astype(o.dtype), dht))
+    up = lambda x: x.astype(jnp.float32)
+    want = grads(lambda q, k, v, g, **kw: reference.recurrent_gla(up(q), up(k), up(v), g, **kw))
+    for backend in backends:
+      got = grads(lambda *a, **kw: chunk_gla(*a, backend=backend, **kw))
+      err = {n: float(np.sqrt(np.mean((np.float64(x) - np.float64(y)) ** 2) /
+                              np.mean(np.float64(y) ** 2)))
+             for n, x, y in zip(("o", "ht", "dq", "dk", "dv", "dg", "dh0"), got, want)}
+      results.append(dict(backend=backend, reverse=reverse, **err))
+      print(f"check {backend:11s} reverse={reverse!s:5s} " +
+            " ".join(f"{n}={e:.1e}" for n, e in err.items()), flush=True)
+  return results
+
+
+def _table(rows):
+  head = ("backend", "shape", "fwd ms", "fwd+bwd ms", "x HBM floor", "speed-up vs ref")
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for r in rows:
+    if "error" in r:
+      lines.append(f"| {r['backend']} | {r['shape']} | error: {r['error'][:80]} | | | |")
+      continue
+    floor = f"{r['x_hbm_floor']:.1f}" if "x_hbm_floor" in r else "-"
+    lines.append(f"| {r['backend']} | {r['shape']} | {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} "
+                 f"| {floor} | {r.get('speedup_vs_ref', float('nan')):.1f}x |")
+  return "\n".join(lines)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--shape", action="append", default=[],
+                      help="B,T,H,K,V (repeatable); default: the four anchor shapes")
+  parser.add_argument("--only", default="", help="comma-separated anchor names to run")
+  parser.add_argument("--runs", type=int, default=30, help="timed runs per measurement")
+  parser.add_argument("--check", action="store_true", help="check accuracy first")
+  parser.add_argument("--json", help="write the rows to this file")
+  args = parser.parse_args(argv)
+
+  platform = jax.default_backend()
+  backends = ["reference"] + ([KERNEL_OF_PLATFORM[platform]] if platform in KERNEL_OF_PLATFORM
+                              else [])
+  print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; backends {backends}",
+        flush=True)
+  checks = check(backends) if args.check else []
+  shapes = {}
+  for s in args.shape:
+    try:
+      b, t, h, kd, vd = (int(x) for x in s.split(","))
+    except ValueError:
+      parser.error(f"--shape wants five integers B,T,H,K,V, got {s!r}")
+    shapes[s] = (b, t, h, kd, vd, None, None)
+  if not args.shape:
+    names = args.only.split(",") if args.only else list(ANCHORS)
+    unknown = set(names) - set(ANCHORS)
+    if unknown:
+      parser.error(f"unknown anchor(s) {sorted(unknown)}; known: {list(ANCHORS)}")
+    shapes = {n: ANCHORS[n] for n in names}
+  rows = []
+  for name, shape in shapes.items():
+    rows += bench_shape(name, *shape, backends=backends, runs=args.runs)
+    print(_table(rows[-len(backends) - 1:]), flush=True)
+  print("\n" + _table(rows))
+  if args.json:
+    with open(args.json, "w") as fh:
+      json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__,
+                 "rows": rows, "checks": checks}, fh, indent=1)
+
+
+if __name__ == "__main__":
+  main()
