@@ -6,7 +6,8 @@
 
 Defaults for --cfg_scale, --sampler and --steps come from the run's config (config.sample).
 Writes a PNG grid with one row per class and, with --npz, the images as uint8 NHWC (arr_0) with
-their labels (arr_1), the layout the ADM evaluator reads.
+their labels (arr_1), the layout the ADM evaluator reads. Runs trained on VAE latents
+(configs/imagenet.py) are decoded to pixels with the VAE at --vae (default: config.vae.path).
 """
 import os
 import sys
@@ -29,6 +30,9 @@ flags.DEFINE_integer("batch_size", 64, "Images generated per device batch.")
 flags.DEFINE_bool("ema", True, "Use the EMA weights (--noema for the raw ones).")
 flags.DEFINE_string("out", None, "PNG grid path; default: <workdir>/samples/step_<N>.png.")
 flags.DEFINE_string("npz", None, "Also write the images and labels to this .npz file.")
+flags.DEFINE_string("vae", None, "Latent-space runs: the SD VAE folder (config.json + "
+                    "diffusion_pytorch_model.safetensors) that decodes samples to pixels; "
+                    "default: the run's config.vae.path.")
 flags.mark_flag_as_required("workdir")
 
 
@@ -47,6 +51,7 @@ def main(argv):
   try:
     config, model, step = S.load_run(f.workdir, f.step, ema=f.ema)
     classes = S.parse_classes(f.classes, model.num_classes)
+    vae = S.load_decoder(config, f.vae)  # before sampling: a bad path fails fast
     labels = np.repeat(np.asarray(classes, np.int32), f.num_per_class)
     images = S.generate(
         model, labels, num_timesteps=config.diffusion.num_timesteps,
@@ -54,6 +59,8 @@ def main(argv):
         cfg_scale=config.sample.cfg_scale if f.cfg_scale is None else f.cfg_scale,
         eta=f.eta, seed=f.seed, batch_size=f.batch_size, guidance_channels=f.guidance_channels,
         learn_sigma=config.model.learn_sigma)
+    if vae is not None:
+      images = S.decode_latents(vae, images, config.data.latent_scale, batch_size=f.batch_size)
   except (ValueError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")
   images = S.to_uint8(images)

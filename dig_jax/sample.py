@@ -15,6 +15,7 @@ from dig_jax.diffusion import cfg_model_fn, create_schedule, ddim_sample, ddpm_s
 from dig_jax.train import sharding
 from dig_jax.train.checkpoint import Checkpointer, abstract_like, checkpoint_dir
 from dig_jax.train.state import init_state, make_optimizer, split_model
+from dig_jax.vae import load_vae
 
 SAMPLERS = ("ddpm", "ddim")
 
@@ -93,6 +94,35 @@ def generate(model, labels: np.ndarray, *, num_timesteps: int, sampler: str = "d
     y_full = np.concatenate([y, np.zeros(pad, y.dtype)])
     x = sample_batch(params, jnp.asarray(y_full), jax.random.fold_in(jax.random.key(seed), i))
     out.append(np.asarray(x)[:len(y)])
+  return np.concatenate(out)
+
+
+def load_decoder(config, vae_path: str | None = None):
+  """For a latent-space run (its config has a `vae` section): the VAE that maps its samples to
+  pixels, from `vae_path` or else config.vae.path. None for a pixel-space run."""
+  if "vae" not in config:
+    return None
+  path = vae_path or config.vae.path
+  if not path:
+    raise ValueError("this run trains in latent space; pass --vae with the SD VAE folder "
+                     "(config.json + diffusion_pytorch_model.safetensors) to decode its samples")
+  vae, vae_config = load_vae(path, dtype=jnp.dtype(config.vae.dtype))
+  if vae_config.latent_channels != config.data.channels:
+    raise ValueError(f"the VAE at {path!r} has {vae_config.latent_channels} latent channels; "
+                     f"the run's model makes {config.data.channels}")
+  return vae
+
+
+def decode_latents(vae, latents: np.ndarray, scale: float, *, batch_size: int = 16) -> np.ndarray:
+  """Model-space latents (VAE latents * `scale`) -> float32 NHWC pixels, about [-1, 1]."""
+  graphdef, params = nnx.split(vae)
+  decode = jax.jit(lambda params, z: nnx.merge(graphdef, params).decode(z / scale))
+  out = []
+  for start in tqdm(range(0, len(latents), batch_size), desc="decoding with the VAE",
+                    unit="batch"):
+    z = latents[start:start + batch_size]
+    pad = np.zeros((batch_size - len(z), *z.shape[1:]), z.dtype)  # one compiled shape
+    out.append(np.asarray(decode(params, np.concatenate([z, pad])), np.float32)[:len(z)])
   return np.concatenate(out)
 
 

@@ -20,11 +20,13 @@ def _apply(ds: grain.MapDataset, transforms: list, seed: int) -> grain.MapDatase
 
 
 def _to_iter(ds: grain.MapDataset, num_threads: int, num_workers: int) -> grain.IterDataset:
-  """Reads with `num_threads` threads, or in `num_workers` processes when > 0. Either way grain
-  skips the None elements that transforms return for unusable files."""
+  """Reads with `num_threads` threads, in each of `num_workers` processes when > 0. Either way
+  grain skips the None elements that transforms return for unusable files."""
+  options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=max(4, num_threads))
+  ds = ds.to_iter_dataset(options)
   if num_workers:
-    return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
-  return ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=4))
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+  return ds
 
 
 def train_dataset(source: ImageSource, *, global_batch_size: int, image_size, seed: int,
@@ -61,8 +63,9 @@ class _ReadAt(grain.transforms.Map):
 
 def ordered_batches(source, indices: np.ndarray, transforms: list, batch_size: int, *,
                     num_threads: int = 8, num_workers: int = 0) -> grain.IterDataset:
-  """The records at `indices`, in order, through `transforms`, in batches of up to `batch_size`
-  (each element keeps its "index"); for one pass over a dataset, e.g. to cache latents."""
+  """The records at `indices` through `transforms`, in batches of up to `batch_size` (each element
+  keeps its "index"); for one pass over a dataset, e.g. to cache latents. The order is kept as
+  long as no transform drops an element (grain's workers hand out elements round-robin)."""
   ds = grain.MapDataset.source(np.asarray(indices, np.int64)).map(_ReadAt(source))
   ds = _apply(ds, transforms, seed=0)
   return _to_iter(ds, num_threads, num_workers).batch(batch_size)

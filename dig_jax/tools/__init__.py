@@ -1,0 +1,1 @@
+"""Command-line tools: `python -m dig_jax.tools.<name> --help`."""
