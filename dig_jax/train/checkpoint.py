@@ -9,10 +9,13 @@ Layout: <workdir>/checkpoints/<step>/ with items
 from __future__ import annotations
 
 import os
+import shutil
+import time
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -73,6 +76,19 @@ class Checkpointer:
 
   def read_meta(self, step: int) -> dict:
     return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+  def set_aside(self, step: int) -> str:
+    """Moves an unreadable checkpoint out of the way (never deletes it); returns where to."""
+    src = os.path.join(self.directory, str(step))
+    dst = os.path.join(os.path.dirname(self.directory), "unreadable_checkpoints",
+                       f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if jax.process_index() == 0:
+      os.makedirs(os.path.dirname(dst), exist_ok=True)
+      shutil.move(src, dst)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"set_aside_{step}")
+    self.manager.reload()
+    return dst
 
   def wait(self):
     self.manager.wait_until_finished()

@@ -94,11 +94,11 @@ def train(config, workdir: str) -> int:
     except ConfigError:
       raise
     except Exception as e:  # a checkpoint cut short or damaged on disk
-      logging.warning("checkpoint at step %d cannot be restored (%s); trying an older one",
-                      candidate, e)
+      logging.warning("checkpoint at step %d cannot be restored: %s", candidate, e)
+      moved_to = ckpt.set_aside(candidate)
       if is_main:
-        print(f"WARNING: checkpoint {candidate} in {ckpt.directory} is unreadable "
-              f"({type(e).__name__}); trying the previous one", flush=True)
+        print(f"WARNING: checkpoint {candidate} is unreadable ({type(e).__name__}); moved it to "
+              f"{moved_to} and trying the previous one", flush=True)
       continue
     latest = candidate
     if is_main:

@@ -1,0 +1,48 @@
+"""Run by test_sharding.py in a subprocess with 8 fake CPU devices: one train step on several
+meshes, printed as JSON (parameters after the step, and the sharding of a large kernel)."""
+import json
+import sys
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from conftest import tiny_config  # noqa: E402
+from dig_jax.diffusion import create_schedule  # noqa: E402
+from dig_jax.train import sharding  # noqa: E402
+from dig_jax.train.state import create_sharded_state, make_optimizer  # noqa: E402
+from dig_jax.train.step import make_train_step  # noqa: E402
+
+
+def one_step(mesh, config):
+  tx = make_optimizer(config.train)
+  graphdef, state, shardings = create_sharded_state(config, tx, mesh)
+  step = jax.jit(make_train_step(graphdef, tx, create_schedule(1000), config.train, null_class=10,
+                                 learn_sigma=True, base_key=jax.random.key(0)),
+                 in_shardings=(shardings, sharding.batch_sharding(mesh)),
+                 out_shardings=(shardings, sharding.replicated(mesh)))
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.uniform(-1, 1, (8, 32, 32, 1)).astype(np.float32),
+           "label": rng.integers(0, 10, 8).astype(np.int32)}
+  state, _ = step(state, sharding.global_batch(batch, mesh))
+  kernel = state["params"]["blocks"][0]["mlp"]["up"]["kernel"]
+  return ([np.asarray(x).tolist() for x in jax.tree.leaves(state["params"])],
+          str(kernel.sharding.spec), len(kernel.addressable_shards[0].data.reshape(-1)))
+
+
+def main():
+  config = tiny_config()
+  config.mesh.fsdp_min_size_mb = 0.0  # the tiny model's kernels are small: shard them anyway
+  devices = np.array(jax.devices())
+  results = {}
+  for data, fsdp in ((1, 1), (2, 4), (8, 1)):
+    mesh = Mesh(devices[:data * fsdp].reshape(data, fsdp), ("data", "fsdp"),
+                axis_types=(AxisType.Auto, AxisType.Auto))
+    params, spec, shard_size = one_step(mesh, config)
+    results[f"{data}x{fsdp}"] = {"params": params, "spec": spec, "shard_size": shard_size}
+  print(json.dumps({"num_devices": len(devices), "results": results}))
+
+
+if __name__ == "__main__":
+  main()
