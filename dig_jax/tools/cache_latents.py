@@ -64,6 +64,7 @@ def cache_metadata(config, source, vae_config, *, shard_size: int, dtype: str) -
 
 
 def _check_or_write_metadata(out: str, meta: dict, is_main: bool):
+  os.makedirs(out, exist_ok=True)
   path = os.path.join(out, METADATA)
   if os.path.isfile(path):
     with open(path) as f:
@@ -74,7 +75,6 @@ def _check_or_write_metadata(out: str, meta: dict, is_main: bool):
       raise ValueError(f"{out!r} holds a latent cache made with other settings; use another "
                        f"--out or the same settings. Differences: " + "; ".join(diffs))
   elif is_main:
-    os.makedirs(out, exist_ok=True)
     with open(path + ".tmp", "w") as f:
       json.dump(meta, f, indent=2)
     os.replace(path + ".tmp", path)
