@@ -122,6 +122,8 @@ def cache_latents(config, out: str, *, batch_size: int = 32, shard_size: int = 2
   """
   if dtype not in STORAGE_DTYPES:
     raise ValueError(f"dtype={dtype!r}; expected one of {STORAGE_DTYPES}")
+  if config.distributed:  # multi-host: must come before any other JAX call
+    jax.distributed.initialize()
   if batch_size < 1 or shard_size < 1:
     raise ValueError(f"batch_size={batch_size} and shard_size={shard_size} must be >= 1")
   source = create_source(config.data.images)
@@ -211,7 +213,8 @@ def define_flags():
   flags.DEFINE_integer("shard_size", 2048, "Images per ArrayRecord shard (the unit of resume).")
   flags.DEFINE_enum("dtype", "float16", list(STORAGE_DTYPES), "Storage dtype of the moments.")
   flags.DEFINE_integer("num_workers", 0, "grain worker processes decoding images (0: threads).")
-  flags.DEFINE_integer("num_threads", 16, "grain reader threads when --num_workers=0.")
+  flags.DEFINE_integer("num_threads", 16, "grain reader threads (in each worker process when "
+                       "--num_workers > 0).")
   flags.mark_flags_as_required(["config", "out"])
 
 
