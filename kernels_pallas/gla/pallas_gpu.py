@@ -2,8 +2,11 @@
 
 Why Triton and not Mosaic GPU: the Triton backend runs these kernels on CPU in interpret mode
 and lowers them for CUDA on a CPU-only jaxlib, so every case is tested in CI; Mosaic GPU has
-only a private CPU interpreter. Measured on an H100 (BENCHMARKS.md), the Triton kernels beat
-the jnp reference, fla's Triton chunk_gla and cuDNN attention at the DiG anchor shapes.
+only a private CPU interpreter. This was chosen for testability, not by a measured race
+between the two backends (none was run). Measured on an H100 (BENCHMARKS.md) the kernels are
+correct but latency-bound: one program walks all chunks of a (batch, head) in sequence, and a
+chunk step costs 10-30 us instead of the 1-2 us planned. They beat the jnp reference only at
+T=256; a sequence-split state pass or a Mosaic GPU port is the next step.
 (JAX 0.11 deprecates Pallas-Triton; a Mosaic GPU port would keep chunk_math.py as it is.)
 
 Layout: the kernels read q, k, v, g and write o in the caller's [B, T, H, D] layout (no
@@ -25,7 +28,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from kernels_pallas.gla import chunk_math
 
-CHUNK = 64
+CHUNK = 32  # measured on H100: 32 beats 64 (BENCHMARKS.md)
 NUM_WARPS = 4
 
 
