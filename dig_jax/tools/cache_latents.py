@@ -154,7 +154,7 @@ def cache_latents(config, out: str, *, batch_size: int = 32, shard_size: int = 2
       images = batch["image"]
       pad = np.zeros((step_batch - len(images), *images.shape[1:]), images.dtype)
       moments = np.asarray(encode(np.concatenate([images, pad])))[:len(images)].astype(dtype)
-      bar.update(len(images))
+      bar.update(len(images))  # unusable files included: DecodeOrMark keeps them as rows
       for index, label, usable, m in zip(batch["index"], batch["label"], batch["usable"],
                                          moments):
         if usable:
@@ -175,7 +175,6 @@ def cache_latents(config, out: str, *, batch_size: int = 32, shard_size: int = 2
     stats["shards_written"] += 1
     stats["images_written"] += written
     stats["images_skipped"] += skipped
-    bar.update(skipped)
     bar.set_postfix(skipped=stats["images_skipped"])
   bar.close()
   if stats["images_skipped"]:
