@@ -19,6 +19,8 @@ from PIL import Image
 MIN_SIDE = 8
 MAX_ASPECT = 16
 
+_log = logging.getLogger(__name__)
+
 
 def pad_to_size(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
   """Centre-pads an HWC image with zeros (black) to `size`; refuses images larger than it."""
@@ -56,14 +58,14 @@ class BadFileLog:
 
   def skipped(self, name: str, reason: str):
     self.counts["skipped"] += 1
-    logging.warning("skipping %s: %s (%d unusable files skipped so far in this process)",
+    _log.warning("skipping %s: %s (%d unusable files skipped so far in this process)",
                     name, reason, self.counts["skipped"])
 
   def converted(self, name: str, mode: str):
     self.counts[mode] += 1
     n = self.counts[mode]
     if n & (n - 1) == 0:
-      logging.warning("converted %s from mode %s to RGB (%d %s images so far in this process)",
+      _log.warning("converted %s from mode %s to RGB (%d %s images so far in this process)",
                       name, mode, n, mode)
 
 
