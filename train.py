@@ -27,7 +27,7 @@ def main(argv):
   from dig_jax.train import ConfigError, NonFiniteLossError, train  # after flags: fast --help
   try:
     step = train(flags.FLAGS.config, flags.FLAGS.workdir)
-  except (ConfigError, NonFiniteLossError) as e:
+  except (ConfigError, NonFiniteLossError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")
   print(f"Training stopped at step {step}; checkpoints in {flags.FLAGS.workdir}/checkpoints")
 

@@ -10,6 +10,7 @@ from dig_jax.train.sharding import mesh_shape
 from kernels_pallas.gla.api import BACKENDS
 
 DTYPES = ("float32", "bfloat16", "float16")
+_LOCATION_KEYS = ("path",)
 
 
 class ConfigError(ValueError):
@@ -53,15 +54,28 @@ def check_config(config):
     raise ConfigError(f"config.model / config.data: {e}") from None
 
 
+def _flatten(tree: dict, prefix: str = "") -> dict:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
 def check_resume_config(saved: dict, config):
-  """A workdir's checkpoint must come from the same model, data and diffusion settings."""
+  """A workdir's checkpoint must come from the same model, data and diffusion settings.
+
+  Paths are not compared: data may move between machines, what it is must not change.
+  """
   current = config.to_dict()
   diffs = []
   for section in ("model", "data", "diffusion"):
-    for key in sorted(set(saved.get(section, {})) | set(current[section])):
-      before, now = saved.get(section, {}).get(key), current[section].get(key)
-      if before != now:
-        diffs.append(f"{section}.{key}: checkpoint {before!r}, config {now!r}")
+    before, now = _flatten(saved.get(section, {})), _flatten(current[section])
+    for key in sorted(set(before) | set(now)):
+      if key.rsplit(".", 1)[-1] not in _LOCATION_KEYS and before.get(key) != now.get(key):
+        diffs.append(f"{section}.{key}: checkpoint {before.get(key)!r}, config {now.get(key)!r}")
   if diffs:
     raise ConfigError("the workdir holds a checkpoint of a different run; use another --workdir "
-                     "or the same settings. Differences: " + "; ".join(diffs))
+                      "or the same settings. Differences: " + "; ".join(diffs))
