@@ -6,6 +6,8 @@ softmax attention (`jax.nn.dot_product_attention`, cuDNN on GPU) at the matching
 bf16 q, k, v and fp32 log-gates (DiG's: log_sigmoid(x) / 16); warm-up, then the median of
 many runs, rotating among input sets so that small shapes do not run from L2.
 `--check` first compares every backend with the token-by-token reference on this device.
+`--variants L4,L8,old=PATH` also times the GPU kernel with 4 or 8 chunks per sequence block, and
+an older kernel module (a copy of a previous pallas_gpu.py) through the same custom_vjp, side by side.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels_pallas.gla import chunk_gla, reference
+from kernels_pallas.gla import api, chunk_gla, pallas_gpu, reference
 
 # name: (B, T, GLA heads, K, V, DiT heads, DiT head dim); perf.md's anchors.
 ANCHORS = {
@@ -72,13 +74,42 @@ def _n_sets(nbytes):
   return 3 if nbytes < 256 * 2**20 else 1
 
 
-def bench_shape(name, b, t, h, kd, vd, att_heads, att_dim, backends, runs):
+def _variant_fn(variant):
+  """(label, f(q, k, v, g) -> o) of one `--variants` entry."""
+  if variant.startswith("L"):  # GPU kernel, fixed chunks per sequence block
+    size = int(variant[1:])
+
+    def f(q, k, v, g):
+      # Read when the forward is traced; the backward takes the size from the residuals.
+      pallas_gpu.BLOCK_CHUNKS = size
+      try:
+        return chunk_gla(q, k, v, g, backend="pallas_gpu")[0]
+      finally:
+        pallas_gpu.BLOCK_CHUNKS = None
+    return f"pallas_gpu L={size}", f
+  if variant.startswith("old="):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("pallas_gpu_old", variant[4:])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    api._KERNELS["pallas_gpu_old"] = module
+
+    def f(q, k, v, g):
+      o, _ = api._run_pallas(q, k, v, g, None, q.shape[-1] ** -0.5, False, "pallas_gpu_old",
+                             False)
+      return o
+    return "pallas_gpu (old)", f
+  raise ValueError(f"unknown variant {variant!r}")
+
+
+def bench_shape(name, b, t, h, kd, vd, att_heads, att_dim, backends, runs, variants=()):
   rows = []
   per_set = b * t * h * (3 * kd * 2 + 2 * vd * 2)
   sets = [_gla_inputs(jax.random.PRNGKey(i), b, t, h, kd, vd) for i in range(_n_sets(per_set))]
   floor = hbm_floor_ms(b, t, h, kd, vd)
-  for backend in backends:
-    f = lambda q, k, v, g, backend=backend: chunk_gla(q, k, v, g, backend=backend)[0]
+  fns = [(backend, lambda q, k, v, g, backend=backend: chunk_gla(q, k, v, g, backend=backend)[0])
+         for backend in backends] + [_variant_fn(x) for x in variants]
+  for backend, f in fns:
     try:
       fwd, fwd_bwd = _timed_pair(f, sets, runs)
       rows.append(dict(backend=backend, shape=name, B=b, T=t, H=h, K=kd, V=vd, fwd_ms=fwd,
@@ -149,6 +180,8 @@ def main(argv=None):
   parser.add_argument("--runs", type=int, default=30, help="timed runs per measurement")
   parser.add_argument("--check", action="store_true", help="check accuracy first")
   parser.add_argument("--json", help="write the rows to this file")
+  parser.add_argument("--variants", default="",
+                      help="comma-separated: L<n> (GPU kernel, n chunks per block), old=PATH")
   args = parser.parse_args(argv)
 
   platform = jax.default_backend()
@@ -172,8 +205,10 @@ def main(argv=None):
     shapes = {n: ANCHORS[n] for n in names}
   rows = []
   for name, shape in shapes.items():
-    rows += bench_shape(name, *shape, backends=backends, runs=args.runs)
-    print(_table(rows[-len(backends) - 1:]), flush=True)
+    variants = [x for x in args.variants.split(",") if x]
+    new = bench_shape(name, *shape, backends=backends, runs=args.runs, variants=variants)
+    rows += new
+    print(_table(new), flush=True)
   print("\n" + _table(rows))
   if args.json:
     with open(args.json, "w") as fh:

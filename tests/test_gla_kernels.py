@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels_pallas.gla import chunk_gla, reference
+from kernels_pallas.gla import chunk_gla, pallas_gpu, reference
 
 KERNELS = ("pallas_gpu", "pallas_tpu")
 TOLERANCE = {jnp.float32: 1e-4, jnp.bfloat16: 5e-3}
@@ -56,6 +56,23 @@ CASES = {  # B, T, H, K, V, dtype, reverse, initial state, strong gates
 @pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize("case", list(CASES))
 def test_kernel_matches_recurrent_reference(backend, case):
+  _check_case(backend, case)
+
+
+# The GPU kernel splits the sequence into blocks of chunks (states across blocks by an XLA pass);
+# the cases above run with one or two blocks. Force many, including a short last block.
+@pytest.mark.parametrize("case,block_chunks", [
+    ("T%C!=0, K=36 V=72, h0", 3),                 # 4 chunks: blocks of 3 + 1
+    ("K=V=64, strong, BH=4", 1),                  # 5 chunks, one per block
+    ("bf16 K=32 V=64, reverse, h0", 2),           # reverse scan over 2 blocks
+    ("bf16 K=32 V=64, strong, T=300", 3),         # 10 chunks: 3 + 3 + 3 + 1
+])
+def test_gpu_kernel_sequence_blocks(monkeypatch, case, block_chunks):
+  monkeypatch.setattr(pallas_gpu, "BLOCK_CHUNKS", block_chunks)
+  _check_case("pallas_gpu", case)
+
+
+def _check_case(backend, case):
   b, t, h, kd, vd, dtype, reverse, with_h0, strong = CASES[case]
   primals, cotangents = _inputs(list(CASES).index(case), b, t, h, kd, vd, dtype, strong)
 
@@ -107,6 +124,22 @@ def test_forward_and_backward_lower(backend, platform, dtype, reverse):
   text = lowered.as_text()
   marker = "tpu_custom_call" if platform == "tpu" else "triton"
   assert text.count(marker) >= 2, "expected a forward and a backward kernel"
+
+
+def test_gpu_sequence_blocks_lower():
+  """At T = 4096 the GPU kernel runs four kernels: block states, outputs, and both backward."""
+  b, t, h, kd, vd = 1, 4096, 2, 32, 64
+
+  def loss(q, k, v, g):
+    return jnp.sum(chunk_gla(q, k, v, g, backend="pallas_gpu")[0].astype(jnp.float32))
+
+  spec = lambda shape, dt=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dt)
+  args = (spec((b, t, h, kd)), spec((b, t, h, kd)), spec((b, t, h, vd)),
+          spec((b, t, h, kd), jnp.float32))
+  text = jax.jit(jax.grad(loss, argnums=range(4))).trace(*args).lower(
+      lowering_platforms=("cuda",)).as_text()
+  for name in ("gla_fwd_states", "gla_fwd", "gla_bwd_states", "gla_bwd"):
+    assert name in text, name
 
 
 def test_auto_uses_reference_on_cpu():

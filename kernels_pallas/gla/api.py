@@ -56,7 +56,12 @@ def _platform(x) -> str:
 
 
 def resolve_backend(backend: str, x) -> str:
-  """Maps "auto" to the backend for the platform of `x`; validates explicit choices."""
+  """Maps "auto" to the backend for the platform of `x`; validates explicit choices.
+
+  GPU rule, by measurement (BENCHMARKS.md, one H100): "auto" is pallas_gpu, which beat the jnp
+  reference at all four anchor shapes (1.8x to 3.4x fwd+bwd). pallas_gpu picks its own sequence
+  split (`pallas_gpu.block_chunks_for`: 8 chunks per block, so one block and no state passes
+  when T <= 256, where one block measured fastest)."""
   if backend not in BACKENDS:
     raise ValueError(f"chunk_gla: unknown backend {backend!r}; expected one of {BACKENDS}")
   if backend != "auto":

@@ -157,3 +157,18 @@ def backward(q, k, v, g, do, state, dstate, dg_carry, *, scale, reverse, ops):
   dg_carry = dg_carry + jnp.sum(x, axis=0, keepdims=True)
   dstate = decay * dstate + _tn(qf * eq, dof, dt, sums=True)
   return dq, dk, dv, dg, dstate, dg_carry
+
+
+def state_update(k, v, g, state, *, reverse, ops):
+  """State after one chunk (forward state pass: no outputs). Same arithmetic as `forward`."""
+  dt = _Precision.of(k.dtype, ops)
+  _, ek, decay = _chunk_decays(g, reverse, ops)
+  return decay * state + _tn(k.astype(f32) * ek, v, dt, sums=True)
+
+
+def dstate_update(q, g, do, dstate, *, scale, reverse, ops):
+  """Gradient of the state entering one chunk from that of the state leaving it, counting
+  only this chunk's queries (backward state pass). Same arithmetic as `backward`."""
+  dt = _Precision.of(q.dtype, ops)
+  eq, _, decay = _chunk_decays(g, reverse, ops)
+  return decay * dstate + _tn(q.astype(f32) * eq, scale * do.astype(f32), dt, sums=True)

@@ -1,21 +1,38 @@
-"""GLA forward and backward kernels for GPUs, in Pallas on the Triton backend.
+"""GLA forward and backward kernels for GPUs, in Pallas on the Triton backend, split over the sequence.
 
 Why Triton and not Mosaic GPU: the Triton backend runs these kernels on CPU in interpret mode
 and lowers them for CUDA on a CPU-only jaxlib, so every case is tested in CI; Mosaic GPU has
-only a private CPU interpreter. This was chosen for testability, not by a measured race
-between the two backends (none was run). Measured on an H100 (BENCHMARKS.md) the kernels are
-correct but latency-bound: one program walks all chunks of a (batch, head) in sequence, and a
-chunk step costs 10-30 us instead of the 1-2 us planned. They beat the jnp reference only at
-T=256; a sequence-split state pass or a Mosaic GPU port is the next step.
-(JAX 0.11 deprecates Pallas-Triton; a Mosaic GPU port would keep chunk_math.py as it is.)
+only a private CPU interpreter. (JAX 0.11 deprecates Pallas-Triton; a Mosaic GPU port would
+keep chunk_math.py as it is.)
+
+Design (sequence split, as fla's chunk_h_split): the scan-ordered chunks of one (batch, head)
+are grouped into blocks of L chunks (L = `block_chunks`, a few hundred tokens), and every
+kernel runs one program per (batch, head, block), so a long sequence gives the GPU many short
+serial chains instead of one long one (the first version walked all T/32 chunks of a head in
+one program: at T = 4096 that left most SMs idle, BENCHMARKS.md).
+
+Forward, when there is more than one block:
+1. `gla_fwd_states`: each block's own contribution to the state (walking its L chunks from a
+   zero state, no outputs) and its total log-decay.
+2. XLA: the state entering each block, S_in[n] = exp(P_n) h0 + sum_{m<n} exp(P_n - P_{m+1}) U_m
+   with P the exclusive prefix sum of block log-decays: one small masked batched matmul over
+   blocks (every exponent <= 0), no sequential loop.
+3. `gla_fwd`: outputs, from S_in, walking the block's chunks with chunk_math.forward (the
+   intra-chunk scores use chunk_math's recursive halving, all gate factors <= 1). It also stores
+   the state entering each chunk (float32, 8 K V / C bytes per token) and the state leaving the
+   block.
+Backward, likewise: `gla_bwd_states` (each block's queries' contribution to the gradient of the
+state entering it), XLA for the gradient of the state leaving each block (the same masked
+matmul, reversed), then `gla_bwd`, walking each block's chunks in reverse scan order with
+chunk_math.backward. The gate gradient's carry from later tokens needs no pass over the
+sequence: at a block's end it equals sum_V(S_leave * dS_leave) (state leaving the block times
+the gradient reaching it from later tokens; for the last block that is sum_V(ht * dht)).
+With one block (short sequences, or `block_chunks >= T / C`) steps 1-2 are skipped and this is
+the single-pass design of the first version.
 
 Layout: the kernels read q, k, v, g and write o in the caller's [B, T, H, D] layout (no
-transposes). One program per (batch, head, V tile) walks the chunks in scan order with the
-state in registers; `reverse=True` only changes which chunk index a step reads and the
-direction of the in-chunk masks. The forward also stores the state entering each chunk
-(float32, 8 K V / C bytes per token) so the backward can walk the chunks in reverse scan order
-with the state gradient in registers, never recomputing states. Scores, their gradient and
-gate cumulative sums stay on chip.
+transposes). `reverse=True` only changes which chunk index a step reads and the direction of
+the in-chunk masks; blocks and per-block arrays are numbered in scan order.
 """
 from __future__ import annotations
 
@@ -29,7 +46,10 @@ from jax.experimental.pallas import triton as pltriton
 from kernels_pallas.gla import chunk_math
 
 CHUNK = 32  # measured on H100: 32 beats 64 (BENCHMARKS.md)
-NUM_WARPS = 4
+NUM_WARPS = 4  # warps per program, an int or {kernel name: warps}
+# Chunks per sequence block; None: `block_chunks_for` below. Tests set it to force many blocks.
+BLOCK_CHUNKS = None
+_HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def _seg_view(x, h):
@@ -57,30 +77,97 @@ OPS = chunk_math.Ops(cumsum=_cumsum, segsum=_segsum,
                      sum_precision=jax.lax.Precision.DEFAULT)  # TF32 in Triton
 
 
-def _chunk_rows(n, n_chunks, chunk, reverse):
-  idx = n_chunks - 1 - n if reverse else n
-  return idx, pl.ds(pl.multiple_of(idx * chunk, chunk), chunk)
+def block_chunks_for(batch_heads, n_chunks):
+  """Chunks per sequence block (a power of two). 8 chunks (256 tokens) by measurement on an
+  H100 (BENCHMARKS.md); longer blocks when there would be more than 128 blocks, so that the
+  XLA pass over blocks (quadratic in their number) stays small."""
+  del batch_heads
+  size = 8
+  while -(-n_chunks // size) > 128:
+    size *= 2
+  return size
 
 
-def _fwd_kernel(q_ref, k_ref, v_ref, g_ref, h0_ref, o_ref, ht_ref, states_ref, *, chunk,
-                n_chunks, scale, reverse):
+def _blocks(n_chunks, block_chunks):
+  size = block_chunks or BLOCK_CHUNKS or block_chunks_for(0, n_chunks)
+  size = max(1, min(size, n_chunks))
+  return size, -(-n_chunks // size)
+
+
+class _Walk:
+  """Chunks of one sequence block: scan positions n0 .. n0 + count - 1."""
+
+  def __init__(self, blk, n_chunks, size, chunk, reverse):
+    self.n0 = blk * size
+    self.count = jnp.minimum(size, n_chunks - self.n0)
+    self.n_chunks, self.chunk, self.reverse = n_chunks, chunk, reverse
+
+  def rows(self, n):
+    """Memory chunk index and rows of scan position n."""
+    idx = self.n_chunks - 1 - n if self.reverse else n
+    return idx, pl.ds(pl.multiple_of(idx * self.chunk, self.chunk), self.chunk)
+
+  def forward(self, body, init):  # body(scan position, carry) -> carry
+    return jax.lax.fori_loop(0, self.count, lambda i, c: body(self.n0 + i, c), init)
+
+  def backward(self, body, init):  # the block's chunks in reverse scan order
+    last = self.n0 + self.count - 1
+    return jax.lax.fori_loop(0, self.count, lambda i, c: body(last - i, c), init)
+
+
+def _fwd_states_kernel(k_ref, v_ref, g_ref, u_ref, lam_ref, *, chunk, n_chunks, size,
+                       reverse):
+  walk = _Walk(pl.program_id(2), n_chunks, size, chunk, reverse)
+
+  def step(n, carry):
+    state, lam = carry
+    _, rows = walk.rows(n)
+    g = g_ref[rows, :]
+    state = chunk_math.state_update(k_ref[rows, :], v_ref[rows, :], g, state,
+                                    reverse=reverse, ops=OPS)
+    return state, lam + jnp.sum(g, axis=0, keepdims=True)
+
+  kd, vd = u_ref.shape
+  state, lam = walk.forward(step, (jnp.zeros((kd, vd), jnp.float32),
+                                   jnp.zeros((1, kd), jnp.float32)))
+  u_ref[...] = state
+  lam_ref[...] = lam
+
+
+def _fwd_kernel(q_ref, k_ref, v_ref, g_ref, s_in_ref, o_ref, s_out_ref, states_ref, *, chunk,
+                n_chunks, size, nv, scale, reverse):
+  walk = _Walk(pl.program_id(2) // nv, n_chunks, size, chunk, reverse)
+
   def step(n, state):
-    idx, rows = _chunk_rows(n, n_chunks, chunk, reverse)
+    idx, rows = walk.rows(n)
     states_ref[idx] = state
     o, state = chunk_math.forward(q_ref[rows, :], k_ref[rows, :], v_ref[rows, :],
                                   g_ref[rows, :], state, scale=scale, reverse=reverse, ops=OPS)
     o_ref[rows, :] = o.astype(o_ref.dtype)
     return state
 
-  ht_ref[...] = jax.lax.fori_loop(0, n_chunks, step, h0_ref[...])
+  s_out_ref[...] = walk.forward(step, s_in_ref[...])
 
 
-def _bwd_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, states_ref, dht_ref, dg0_ref,
-                dq_ref, dk_ref, dv_ref, dg_ref, dh0_ref, *, chunk, n_chunks, scale, reverse):
+def _bwd_states_kernel(q_ref, g_ref, do_ref, w_ref, *, chunk, n_chunks, size, scale, reverse):
+  walk = _Walk(pl.program_id(2), n_chunks, size, chunk, reverse)
+
+  def step(n, dstate):
+    _, rows = walk.rows(n)
+    return chunk_math.dstate_update(q_ref[rows, :], g_ref[rows, :], do_ref[rows, :], dstate,
+                                    scale=scale, reverse=reverse, ops=OPS)
+
+  w_ref[...] = walk.backward(step, jnp.zeros(w_ref.shape, jnp.float32))
+
+
+def _bwd_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, states_ref, ds_ref, dgc_ref,
+                dq_ref, dk_ref, dv_ref, dg_ref, ds_in_ref, *, chunk, n_chunks, size, scale,
+                reverse):
+  walk = _Walk(pl.program_id(2), n_chunks, size, chunk, reverse)
+
   def step(n, carry):
     dstate, dg_carry = carry
-    # Backward visits chunks in reverse scan order.
-    idx, rows = _chunk_rows(n, n_chunks, chunk, not reverse)
+    idx, rows = walk.rows(n)
     dq, dk, dv, dg, dstate, dg_carry = chunk_math.backward(
         q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], g_ref[rows, :], do_ref[rows, :],
         states_ref[idx], dstate, dg_carry, scale=scale, reverse=reverse, ops=OPS)
@@ -90,84 +177,163 @@ def _bwd_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, states_ref, dht_ref, dg0_ref
     dg_ref[rows, :] = dg
     return dstate, dg_carry
 
-  dh0_ref[...], _ = jax.lax.fori_loop(0, n_chunks, step, (dht_ref[...], dg0_ref[...]))
+  ds_in_ref[...], _ = walk.backward(step, (ds_ref[...], dgc_ref[...]))
 
 
-def _spec(d):  # one (batch, head) slice of a [B, T, H, D] array, all of T
-  return lambda t: pl.BlockSpec((None, t, None, d), lambda b, h, j: (b, 0, h, 0))
+def _seq_spec(t, d, nv=1):  # one (batch, head[, V tile]) slice of [B, T, H, D], all of T
+  return pl.BlockSpec((None, t, None, d // nv), lambda b, h, j: (b, 0, h, j % nv))
 
 
-def _v_spec(t, bv):
-  return pl.BlockSpec((None, t, None, bv), lambda b, h, j: (b, 0, h, j))
+def _block_spec(d1, d2, nv=1):  # per-block [B, H, NB, d1, d2] arrays, one block each
+  return pl.BlockSpec((None, None, None, d1, d2 // nv),
+                      lambda b, h, j: (b, h, j // nv, 0, j % nv))
 
 
-def _state_spec(kd, bv):
-  return pl.BlockSpec((None, None, kd, bv), lambda b, h, j: (b, h, 0, j))
+def _compiler_params(name):
+  warps = NUM_WARPS.get(name, 4) if isinstance(NUM_WARPS, dict) else NUM_WARPS
+  return pltriton.CompilerParams(num_warps=warps, num_stages=1)
 
 
-def _compiler_params():
-  return pltriton.CompilerParams(num_warps=NUM_WARPS, num_stages=1)
-
-
-def v_tiles(batch_heads, vd):
-  """Split V so that small batch x heads still gives the GPU enough programs."""
+def v_tiles(programs, vd):
+  """Split V so that few programs (batch x heads x blocks) still fill the GPU."""
   tiles = 1
-  while batch_heads * tiles < 128 and vd // (2 * tiles) >= 32:
+  while programs * tiles < 128 and vd // (2 * tiles) >= 32:
     tiles *= 2
   return tiles
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "reverse", "chunk", "interpret"))
-def forward(q, k, v, g, h0, *, scale, reverse, chunk=CHUNK, interpret=False):
+def _call(kernel, grid, in_specs, out_specs, out_shape, name, interpret):
+  return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs,
+                        out_shape=out_shape, compiler_params=_compiler_params(name),
+                        interpret=interpret, name=name)
+
+
+def _block_log_decays(lam):
+  """Inclusive (Q) and exclusive (P) prefix sums over blocks of their log-decays [B,H,NB,K]."""
+  q = jnp.cumsum(lam[:, :, :, 0, :], axis=2)
+  return q, q - lam[:, :, :, 0, :]
+
+
+def _states_entering(u, lam, h0):
+  """S_in[n] = exp(P_n) h0 + sum_{m<n} exp(P_n - Q_m) U_m, every exponent <= 0."""
+  q, p = _block_log_decays(lam)
+  nb = u.shape[2]
+  mask = (jnp.arange(nb)[None, :] < jnp.arange(nb)[:, None])[None, None, :, :, None]
+  w = jnp.where(mask, jnp.exp(jnp.where(mask, p[:, :, :, None] - q[:, :, None], 0.0)), 0.0)
+  return (jnp.einsum("bhnmk,bhmkv->bhnkv", w, u, precision=_HIGHEST)
+          + jnp.exp(p)[..., None] * h0[:, :, None])
+
+
+def _dstates_leaving(w_local, lam, dht):
+  """dS_out[n] = exp(Q_last - Q_n) dht + sum_{m>n} exp(P_m - Q_n) W_m, every exponent <= 0."""
+  q, p = _block_log_decays(lam)
+  nb = w_local.shape[2]
+  mask = (jnp.arange(nb)[None, :] > jnp.arange(nb)[:, None])[None, None, :, :, None]
+  w = jnp.where(mask, jnp.exp(jnp.where(mask, p[:, :, None] - q[:, :, :, None], 0.0)), 0.0)
+  return (jnp.einsum("bhnmk,bhmkv->bhnkv", w, w_local, precision=_HIGHEST)
+          + jnp.exp(q[:, :, -1:] - q)[..., None] * dht[:, :, None])
+
+
+def _fwd_block_states(k, v, g, *, chunk, n_chunks, size, reverse, interpret):
+  """Each block's own state contribution [B, H, NB, K, V] and log-decay [B, H, NB, 1, K]."""
+  b, t, h, kd = k.shape
+  vd = v.shape[-1]
+  nb = -(-n_chunks // size)
+  f32 = jnp.float32
+  return _call(
+      functools.partial(_fwd_states_kernel, chunk=chunk, n_chunks=n_chunks, size=size,
+                        reverse=reverse), (b, h, nb),
+      [_seq_spec(t, kd), _seq_spec(t, vd), _seq_spec(t, kd)],
+      [_block_spec(kd, vd), _block_spec(1, kd)],
+      [jax.ShapeDtypeStruct((b, h, nb, kd, vd), f32),
+       jax.ShapeDtypeStruct((b, h, nb, 1, kd), f32)], "gla_fwd_states", interpret)(k, v, g)
+
+
+def _bwd_block_states(q, g, do, *, chunk, n_chunks, size, scale, reverse, interpret):
+  """Each block's queries' contribution to the gradient of the state entering it."""
+  b, t, h, kd = q.shape
+  vd = do.shape[-1]
+  nb = -(-n_chunks // size)
+  qk = _seq_spec(t, kd)
+  return _call(
+      functools.partial(_bwd_states_kernel, chunk=chunk, n_chunks=n_chunks, size=size,
+                        scale=scale, reverse=reverse), (b, h, nb), [qk, qk, _seq_spec(t, vd)],
+      _block_spec(kd, vd), jax.ShapeDtypeStruct((b, h, nb, kd, vd), jnp.float32),
+      "gla_bwd_states", interpret)(q, g, do)
+
+
+def forward(q, k, v, g, h0, *, scale, reverse, chunk=CHUNK, block_chunks=None, interpret=False):
   """q, k, g [B, T, H, K]; v [B, T, H, V]; h0 [B, H, K, V] f32; T a multiple of `chunk`.
 
-  Returns (o, final state, states entering each chunk [B, H, N, K, V] f32).
+  Returns (o, final state, residuals for `backward`).
   """
+  size, _ = _blocks(q.shape[1] // chunk, block_chunks)
+  return _forward(q, k, v, g, h0, scale=scale, reverse=reverse, chunk=chunk, size=size,
+                  interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "reverse", "chunk", "size", "interpret"))
+def _forward(q, k, v, g, h0, *, scale, reverse, chunk, size, interpret):
   b, t, h, kd = q.shape
   vd = v.shape[-1]
   n_chunks = t // chunk
-  nv = v_tiles(b * h, vd)
-  bv = vd // nv
-  kernel = functools.partial(_fwd_kernel, chunk=chunk, n_chunks=n_chunks, scale=scale,
-                             reverse=reverse)
-  qk = _spec(kd)(t)
-  return pl.pallas_call(
-      kernel,
-      grid=(b, h, nv),
-      in_specs=[qk, qk, _v_spec(t, bv), qk, _state_spec(kd, bv)],
-      out_specs=[_v_spec(t, bv), _state_spec(kd, bv),
-                 pl.BlockSpec((None, None, n_chunks, kd, bv), lambda b, h, j: (b, h, 0, 0, j))],
-      out_shape=[jax.ShapeDtypeStruct(v.shape, v.dtype),
-                 jax.ShapeDtypeStruct((b, h, kd, vd), jnp.float32),
-                 jax.ShapeDtypeStruct((b, h, n_chunks, kd, vd), jnp.float32)],
-      compiler_params=_compiler_params(),
-      interpret=interpret,
-      name="gla_fwd",
-  )(q, k, v, g, h0)
+  nb = -(-n_chunks // size)
+  common = dict(chunk=chunk, n_chunks=n_chunks, size=size, reverse=reverse)
+  f32 = jnp.float32
+  if nb == 1:
+    s_in, lam = h0[:, :, None], jnp.zeros((b, h, 1, 1, kd), f32)
+  else:
+    u, lam = _fwd_block_states(k, v, g, **common, interpret=interpret)
+    s_in = _states_entering(u, lam, h0)
+  nv = v_tiles(b * h * nb, vd)
+  qk = _seq_spec(t, kd)
+  o, s_out, states = _call(
+      functools.partial(_fwd_kernel, nv=nv, scale=scale, **common), (b, h, nb * nv),
+      [qk, qk, _seq_spec(t, vd, nv), qk, _block_spec(kd, vd, nv)],
+      [_seq_spec(t, vd, nv), _block_spec(kd, vd, nv),
+       pl.BlockSpec((None, None, n_chunks, kd, vd // nv), lambda b, h, j: (b, h, 0, 0, j % nv))],
+      [jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct((b, h, nb, kd, vd), f32),
+       jax.ShapeDtypeStruct((b, h, n_chunks, kd, vd), f32)], "gla_fwd", interpret,
+  )(q, k, v, g, s_in)
+  # The block size travels in the residuals' shapes (an empty [size, 0] array), so the backward
+  # uses the forward's blocks whatever BLOCK_CHUNKS is when it is traced.
+  return o, s_out[:, :, -1], (states, s_out, lam, jnp.zeros((size, 0), jnp.int8))
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "reverse", "chunk", "interpret"))
-def backward(q, k, v, g, do, states, dht, dg0, *, scale, reverse, chunk=CHUNK,
+def backward(q, k, v, g, do, residuals, dht, dg0, *, scale, reverse, chunk=CHUNK,
              interpret=False):
-  """Returns (dq, dk, dv, dg, dh0). dg0 [B, H, 1, K]: the final-state term of dg."""
+  """Returns (dq, dk, dv, dg, dh0). dg0 = sum_V(ht * dht) is recomputed per block from the
+  residuals (it is the last block's carry) and not used."""
+  del dg0
+  *residuals, size_marker = residuals
+  return _backward(q, k, v, g, do, tuple(residuals), dht, scale=scale, reverse=reverse,
+                   chunk=chunk, size=size_marker.shape[0], interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "reverse", "chunk", "size", "interpret"))
+def _backward(q, k, v, g, do, residuals, dht, *, scale, reverse, chunk, size, interpret):
+  states, s_out, lam = residuals
   b, t, h, kd = q.shape
   vd = v.shape[-1]
   n_chunks = t // chunk
-  kernel = functools.partial(_bwd_kernel, chunk=chunk, n_chunks=n_chunks, scale=scale,
-                             reverse=reverse)
-  qk, vs = _spec(kd)(t), _spec(vd)(t)
-  full_state = _state_spec(kd, vd)
-  return pl.pallas_call(
-      kernel,
-      grid=(b, h, 1),
-      in_specs=[qk, qk, vs, qk, vs,
-                pl.BlockSpec((None, None, n_chunks, kd, vd), lambda b, h, j: (b, h, 0, 0, 0)),
-                full_state, pl.BlockSpec((None, None, 1, kd), lambda b, h, j: (b, h, 0, 0))],
-      out_specs=[qk, qk, vs, qk, full_state],
-      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
-                 jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct(g.shape, jnp.float32),
-                 jax.ShapeDtypeStruct((b, h, kd, vd), jnp.float32)],
-      compiler_params=_compiler_params(),
-      interpret=interpret,
-      name="gla_bwd",
-  )(q, k, v, g, do, states, dht, dg0)
+  nb = -(-n_chunks // size)
+  common = dict(chunk=chunk, n_chunks=n_chunks, size=size, scale=scale, reverse=reverse)
+  f32 = jnp.float32
+  qk, vs = _seq_spec(t, kd), _seq_spec(t, vd)
+  if nb == 1:
+    ds_out = dht[:, :, None]
+  else:
+    w_local = _bwd_block_states(q, g, do, **common, interpret=interpret)
+    ds_out = _dstates_leaving(w_local, lam, dht)
+  dgc = jnp.sum(s_out * ds_out, axis=-1)[:, :, :, None, :]  # dg carry at each block's end
+  dq, dk, dv, dg, ds_in = _call(
+      functools.partial(_bwd_kernel, **common), (b, h, nb),
+      [qk, qk, vs, qk, vs,
+       pl.BlockSpec((None, None, n_chunks, kd, vd), lambda b, h, j: (b, h, 0, 0, 0)),
+       _block_spec(kd, vd), _block_spec(1, kd)],
+      [qk, qk, vs, qk, _block_spec(kd, vd)],
+      [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
+       jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct(g.shape, f32),
+       jax.ShapeDtypeStruct((b, h, nb, kd, vd), f32)], "gla_bwd", interpret,
+  )(q, k, v, g, do, states, ds_out, dgc)
+  return dq, dk, dv, dg, ds_in[:, :, 0]
