@@ -9,6 +9,7 @@ requested labels are in the npz's arr_1) is read.
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import jax
@@ -90,9 +91,14 @@ def main(argv):
   del argv
   if not flags.FLAGS.npz:
     sys.exit("error: --npz is required (write one with sample.py --npz FILE)")
+  if not os.path.isfile(flags.FLAGS.npz):
+    sys.exit(f"error: --npz={flags.FLAGS.npz}: no such file (write one with sample.py --npz)")
   with np.load(flags.FLAGS.npz) as f:
     images, labels = f["arr_0"], f["arr_1"]
-  result = evaluate_samples(images, labels)
+  try:
+    result = evaluate_samples(images, labels)
+  except ValueError as e:
+    sys.exit(f"error: {e}")
   print(f"classifier accuracy on held-out real digits: {result['real_heldout_accuracy']:.1%}")
   print(f"accuracy of generated digits (requested class recognised): "
         f"{result['generated_accuracy']:.1%} of {result['num_generated']}")

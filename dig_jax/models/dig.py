@@ -6,6 +6,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dig_jax.models import layers
+from dig_jax.models.backbone import ConditionalImageTransformer
 from dig_jax.models.gla import GatedLinearAttention
 from dig_jax.models.scan_order import layer_orientation, orient_conv_kernel
 
@@ -71,42 +72,23 @@ class DiGBlock(nnx.Module):
     return self._depthwise_conv(x)
 
 
-class DiG(nnx.Module):
+class DiG(ConditionalImageTransformer):
   """Class-conditional DiG. `model(x, t, y)`: x [N, H, W, C], t [N], y [N] -> [N, H, W, C_out]."""
 
   def __init__(self, *, input_size, patch_size: int, in_channels: int, hidden_size: int,
                depth: int, num_heads: int, mlp_hidden: int, num_classes: int,
                learn_sigma: bool = True, dtype=jnp.float32, gla_backend: str = "auto",
                gla_interpret: bool = False, rngs: nnx.Rngs):
-    self.image_size = layers.check_image_size(input_size, patch_size)
-    self.grid = (self.image_size[0] // patch_size, self.image_size[1] // patch_size)
-    self.patch_size, self.in_channels = patch_size, in_channels
-    self.out_channels = 2 * in_channels if learn_sigma else in_channels
-    self.hidden_size, self.num_classes, self.dtype = hidden_size, num_classes, dtype
-    self.patch_embed = layers.PatchEmbed(in_channels, hidden_size, patch_size, dtype=dtype, rngs=rngs)
-    self.t_embedder = layers.TimestepEmbedder(hidden_size, dtype=dtype, rngs=rngs)
-    self.y_embedder = layers.LabelEmbedder(num_classes, hidden_size, rngs=rngs)
+    super().__init__(input_size=input_size, patch_size=patch_size, in_channels=in_channels,
+                     hidden_size=hidden_size, num_classes=num_classes, learn_sigma=learn_sigma,
+                     dtype=dtype, rngs=rngs)
     self.blocks = nnx.List([
         DiGBlock(hidden_size, num_heads, mlp_hidden, layer_index=i, dtype=dtype,
                  gla_backend=gla_backend, gla_interpret=gla_interpret, rngs=rngs)
         for i in range(depth)])
-    self.final_layer = layers.FinalLayer(hidden_size, patch_size, self.out_channels, dtype=dtype,
-                                         rngs=rngs)
 
   def __call__(self, x, t, y):
-    check_input(self, x)
-    pos = layers.sincos_pos_embed_2d(self.hidden_size, *self.grid)
-    x = (self.patch_embed(x.astype(self.dtype)) + pos).astype(self.dtype)
-    c = (self.t_embedder(t) + self.y_embedder(y)).astype(self.dtype)
+    x, c = self.embed(x, t, y)
     for block in self.blocks:
       x = block(x, c)
-    x = self.final_layer(x, c)
-    return layers.unpatchify(x, self.patch_size, self.out_channels).astype(jnp.float32)
-
-
-def check_input(model, x):
-  """Clear error when an input does not match the size the model was built for."""
-  want = (*model.image_size, model.in_channels)
-  if x.ndim != 4 or tuple(x.shape[1:]) != want:
-    raise ValueError(f"{type(model).__name__} was built for inputs [N, {want[0]}, {want[1]}, "
-                     f"{want[2]}] (channels last), got {tuple(x.shape)}")
+    return self.head(x, c)

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dig_jax.models import layers
-from dig_jax.models.dig import check_input
+from dig_jax.models.backbone import ConditionalImageTransformer
 
 
 class SelfAttention(nnx.Module):
@@ -54,34 +54,23 @@ class DiTBlock(nnx.Module):
     return x + gate2[:, None] * self.mlp(layers.modulate(layers.layer_norm(x), shift2, scale2))
 
 
-class DiT(nnx.Module):
+class DiT(ConditionalImageTransformer):
   """Class-conditional DiT with the same interface as DiG."""
 
   def __init__(self, *, input_size, patch_size: int, in_channels: int, hidden_size: int,
                depth: int, num_heads: int, num_classes: int, mlp_ratio: float = 4.0,
                learn_sigma: bool = True, dtype=jnp.float32, attention_impl=None, rngs: nnx.Rngs):
-    self.image_size = layers.check_image_size(input_size, patch_size)
-    self.grid = (self.image_size[0] // patch_size, self.image_size[1] // patch_size)
-    self.patch_size, self.in_channels = patch_size, in_channels
-    self.out_channels = 2 * in_channels if learn_sigma else in_channels
-    self.hidden_size, self.num_classes, self.dtype = hidden_size, num_classes, dtype
-    self.patch_embed = layers.PatchEmbed(in_channels, hidden_size, patch_size, dtype=dtype, rngs=rngs)
-    self.t_embedder = layers.TimestepEmbedder(hidden_size, dtype=dtype, rngs=rngs)
-    self.y_embedder = layers.LabelEmbedder(num_classes, hidden_size, rngs=rngs)
+    super().__init__(input_size=input_size, patch_size=patch_size, in_channels=in_channels,
+                     hidden_size=hidden_size, num_classes=num_classes, learn_sigma=learn_sigma,
+                     dtype=dtype, rngs=rngs)
     self.blocks = nnx.List([
         DiTBlock(hidden_size, num_heads, mlp_ratio, dtype=dtype, attention_impl=attention_impl,
                  rngs=rngs) for _ in range(depth)])
-    self.final_layer = layers.FinalLayer(hidden_size, patch_size, self.out_channels, dtype=dtype,
-                                         rngs=rngs)
 
   def __call__(self, x, t, y):
-    check_input(self, x)
-    pos = layers.sincos_pos_embed_2d(self.hidden_size, *self.grid)
-    x = (self.patch_embed(x.astype(self.dtype)) + pos).astype(self.dtype)
+    x, c = self.embed(x, t, y)
     n, h, w, d = x.shape
     x = x.reshape(n, h * w, d)
-    c = (self.t_embedder(t) + self.y_embedder(y)).astype(self.dtype)
     for block in self.blocks:
       x = block(x, c)
-    x = self.final_layer(x, c).reshape(n, h, w, -1)
-    return layers.unpatchify(x, self.patch_size, self.out_channels).astype(jnp.float32)
+    return self.head(x.reshape(n, h, w, d), c)
