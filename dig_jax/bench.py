@@ -1,0 +1,593 @@
+"""Model throughput benchmark: `python -m dig_jax.bench [--models S/2,XL/2] [--resolutions ...]`.
+
+Times a full training step (forward, diffusion loss, backward, AdamW, EMA: the project's
+`make_train_step`) of DiG and of DiT at the same size, DiT both with cuDNN attention
+(`attention_impl="cudnn"`) and with XLA's materialised attention (`"xla"`), on random latents
+(4 channels, latent = px / 8), bf16 compute (`dtype` override) with fp32 params.
+Per configuration it reports images/s (median step time after warm-up), peak device memory
+(`peak_bytes_in_use`; OOM is caught and reported), optionally the largest batch that fits,
+analytic model FLOPs per image (`dig_jax.flops`, training = 3x forward), achieved TFLOP/s and
+MFU against a dense bf16 matmul rate measured in the same run, and DiG/DiT ratios.
+
+By default every configuration runs in its own subprocess, so that its peak memory is its own
+and an OOM or a crash cannot disturb the next one (`--in_process` runs them all in this process;
+then peaks are cumulative). Does not import the data pipeline (grain, tfds, ml_collections).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+import types
+
+RESOLUTIONS = (256, 512, 1024, 1536, 1792, 2048)
+DEFAULT_MODELS = ("S/2", "XL/2")
+DIT_ATTENTION = ("cudnn", "xla")
+LATENT_CHANNELS = 4
+NUM_CLASSES = 1000
+TOKENS_PER_BATCH = 16384  # default batch: 64 images at 256 px (S/2), 1 at >= 1536 px
+MAX_DEFAULT_BATCH = 64
+RESULT_TAG = "BENCH_RESULT "
+
+
+# --------------------------------------------------------------------------------------------
+# Configurations
+
+
+def _model_names():
+  from dig_jax.models.registry import MODEL_NAMES, PATCHES, SIZES
+  return MODEL_NAMES, PATCHES, SIZES
+
+
+def expand_models(spec: str) -> list[str]:
+  """'S/2,DiG-B/4' -> ['DiG-S/2', 'DiT-S/2', 'DiG-B/4']: a bare size means both families."""
+  names, _, _ = _model_names()
+  out = []
+  for item in (x.strip() for x in spec.split(",")):
+    if not item:
+      continue
+    full = [item] if "-" in item else [f"DiG-{item}", f"DiT-{item}"]
+    for name in full:
+      if name not in names:
+        sizes = sorted({n.split("-")[1] for n in names}, key=lambda s: (s[-1], s))
+        raise ValueError(f"unknown model {item!r}; expected a size ({', '.join(sizes)}) for "
+                         f"both families, or a full name such as DiG-S/2 or DiT-XL/2")
+      if name not in out:
+        out.append(name)
+  if not out:
+    raise ValueError("no models given")
+  return out
+
+
+def parse_resolutions(spec: str, patches) -> list[int]:
+  out = []
+  for item in (x.strip() for x in spec.split(",")):
+    if not item:
+      continue
+    try:
+      px = int(item)
+    except ValueError:
+      raise ValueError(f"resolution {item!r} is not an integer number of pixels") from None
+    need = 8 * max(patches)
+    if px <= 0 or px % need:
+      raise ValueError(f"resolution {px} px: must be a positive multiple of {need} (latent = "
+                       f"px / 8, divisible by the patch size {max(patches)}); the defaults are "
+                       f"{', '.join(map(str, RESOLUTIONS))}")
+    out.append(px)
+  if not out:
+    raise ValueError("no resolutions given")
+  return out
+
+
+def default_batch(px: int, patch: int) -> int:
+  tokens = (px // 8 // patch) ** 2
+  return max(1, min(MAX_DEFAULT_BATCH, TOKENS_PER_BATCH // tokens))
+
+
+def make_configs(args) -> list[dict]:
+  models = expand_models(args.models)
+  patches = sorted({int(m.split("/")[1]) for m in models})
+  resolutions = parse_resolutions(args.resolutions, patches)
+  attentions = [a.strip() for a in args.dit_attention.split(",") if a.strip()]
+  bad = set(attentions) - set(DIT_ATTENTION)
+  if bad or not attentions:
+    raise ValueError(f"--dit_attention: unknown {sorted(bad)}; expected some of {DIT_ATTENTION}")
+  configs = []
+  for px in resolutions:
+    for name in models:
+      patch = int(name.split("/")[1])
+      batch = args.batch or default_batch(px, patch)
+      impls = [args.gla_backend] if name.startswith("DiG") else attentions
+      for impl in impls:
+        configs.append(dict(model=name, px=px, batch=batch, impl=impl, steps=args.steps,
+                            warmup=args.warmup, depth=args.depth, hidden_size=args.hidden_size,
+                            dtype=args.dtype, find_max_batch=args.find_max_batch,
+                            max_batch_limit=args.max_batch_limit))
+  return configs
+
+
+# --------------------------------------------------------------------------------------------
+# Measurements (these import JAX; the parent process of an isolated run never does)
+
+
+def _load_make_train_step():
+  """`dig_jax.train.step.make_train_step`, loaded from its file: importing the package
+  `dig_jax.train` would pull in the data pipeline and checkpointing (grain, orbax)."""
+  name = "dig_jax.train.step"
+  if name in sys.modules:
+    return sys.modules[name].make_train_step
+  path = os.path.join(os.path.dirname(__file__), "train", "step.py")
+  spec = importlib.util.spec_from_file_location("_dig_bench_train_step", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.make_train_step
+
+
+def is_oom(err: BaseException) -> bool:
+  text = f"{type(err).__name__} {err}".lower()
+  return any(s in text for s in ("resource_exhausted", "out of memory", "resourceexhausted",
+                                 "oom when allocating", "failed to allocate"))
+
+
+def _peak_bytes():
+  import jax
+  try:
+    stats = jax.devices()[0].memory_stats()
+  except Exception:
+    return None
+  return None if not stats else stats.get("peak_bytes_in_use")
+
+
+def device_info() -> dict:
+  import jax
+  dev = jax.devices()[0]
+  return dict(platform=dev.platform, device=dev.device_kind, jax=jax.__version__)
+
+
+def matmul_tflops(size: int = 0, runs: int = 20) -> float:
+  """Dense bf16 matmul rate (TFLOP/s) of the default device: median of `runs` products of two
+  random size x size matrices (rotating two input sets), after warm-up. size 0: 8192, or 1024
+  on a CPU."""
+  import jax
+  import jax.numpy as jnp
+  size = size or (1024 if jax.default_backend() == "cpu" else 8192)
+  keys = jax.random.split(jax.random.key(0), 4)
+  sets = [(jax.random.normal(keys[2 * i], (size, size), jnp.bfloat16),
+           jax.random.normal(keys[2 * i + 1], (size, size), jnp.bfloat16)) for i in range(2)]
+  f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.bfloat16))
+  for a, b in sets:
+    jax.block_until_ready(f(a, b))
+  times = []
+  for i in range(runs):
+    a, b = sets[i % 2]
+    start = time.perf_counter()
+    jax.block_until_ready(f(a, b))
+    times.append(time.perf_counter() - start)
+  return 2 * size ** 3 / statistics.median(times) / 1e12
+
+
+def _build(config):
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from flax import nnx
+
+  from dig_jax.diffusion import create_schedule
+  from dig_jax.models import count_parameters, create_model
+
+  name, px = config["model"], config["px"]
+  overrides = dict(dtype=jnp.dtype(config["dtype"]))
+  if config.get("depth"):
+    overrides["depth"] = config["depth"]
+  if config.get("hidden_size"):
+    overrides["hidden_size"] = config["hidden_size"]
+    overrides["num_heads"] = max(1, config["hidden_size"] // 64)
+  if name.startswith("DiG"):
+    overrides["gla_backend"] = config["impl"]
+  else:
+    overrides["attention_impl"] = config["impl"]
+  latent = px // 8
+  model = create_model(name, input_size=latent, in_channels=LATENT_CHANNELS,
+                       num_classes=NUM_CLASSES, learn_sigma=True, rngs=nnx.Rngs(0), **overrides)
+  params_count = count_parameters(model)
+  graphdef, params = nnx.split(model, nnx.Param)
+  del model
+  tx = optax.adamw(1e-4, weight_decay=0.0)  # the paper's recipe
+  train_config = types.SimpleNamespace(ema_decay=0.9999, label_dropout=0.1)
+  step = _load_make_train_step()(graphdef, tx, create_schedule(1000), train_config,
+                                 null_class=NUM_CLASSES, learn_sigma=True,
+                                 base_key=jax.random.key(1))
+
+  def init_state():
+    return {"step": jnp.zeros((), jnp.int32), "params": params,
+            "ema_params": jax.tree.map(jnp.copy, params), "opt_state": tx.init(params)}
+
+  return jax.jit(step, donate_argnums=0), init_state, params_count, latent
+
+
+def _batches(batch, latent, count=2):
+  import jax
+  import jax.numpy as jnp
+  out = []
+  for i in range(count):
+    k1, k2 = jax.random.split(jax.random.key(100 + i))
+    out.append({"image": jax.random.normal(k1, (batch, latent, latent, LATENT_CHANNELS),
+                                           jnp.float32),
+                "label": jax.random.randint(k2, (batch,), 0, NUM_CLASSES)})
+  return out
+
+
+def _time_steps(step, state, batches, steps, warmup):
+  import jax
+  for i in range(warmup):
+    state, metrics = step(state, batches[i % len(batches)])
+    jax.block_until_ready((state, metrics))
+  times = []
+  for i in range(steps):
+    start = time.perf_counter()
+    state, metrics = step(state, batches[i % len(batches)])
+    jax.block_until_ready((state, metrics))
+    times.append(time.perf_counter() - start)
+  return state, metrics, times
+
+
+def _fits(step, init_state, batch, latent) -> bool:
+  """One compile and two steps at `batch`; False on OOM."""
+  import jax
+  state = None
+  try:
+    state = init_state()
+    for b in _batches(batch, latent, count=2):
+      state, metrics = step(state, b)
+    jax.block_until_ready((state, metrics))
+    return True
+  except Exception as e:  # noqa: BLE001
+    if is_oom(e):
+      return False
+    raise
+  finally:
+    del state
+
+
+def find_max_batch(step, init_state, start: int, latent: int, limit: int,
+                   progress=print) -> tuple[int, bool]:
+  """Largest batch that runs (doubling from `start`, then bisection); (batch, hit_limit)."""
+  lo, hi = 0, None
+  b = start
+  while b <= limit:
+    ok = _fits(step, init_state, b, latent)
+    progress(f"    max-batch search: batch {b} {'fits' if ok else 'OOM'}")
+    if not ok:
+      hi = b
+      break
+    lo, b = b, b * 2
+  if hi is None:
+    return lo, True
+  while hi - lo > max(1, lo // 8):  # to within 1/8
+    mid = (lo + hi) // 2
+    ok = _fits(step, init_state, mid, latent)
+    progress(f"    max-batch search: batch {mid} {'fits' if ok else 'OOM'}")
+    lo, hi = (mid, hi) if ok else (lo, mid)
+  return lo, False
+
+
+def run_config(config, progress=print) -> dict:
+  """Times one configuration in this process; returns its row (status ok / OOM / error)."""
+  import jax
+
+  from dig_jax import flops
+  from kernels_pallas.gla import api as gla_api
+  from kernels_pallas.gla import pallas_gpu, pallas_tpu, reference
+
+  name, px, batch = config["model"], config["px"], config["batch"]
+  family = name.split("-")[0]
+  row = dict(model=name, family=family, size=name.split("-")[1], px=px, latent=px // 8,
+             tokens=(px // 8 // int(name.split("/")[1])) ** 2, batch=batch,
+             impl=config["impl"], dtype=config["dtype"], steps=config["steps"],
+             warmup=config["warmup"], depth=config.get("depth"),
+             hidden_size=config.get("hidden_size"), **device_info())
+  shape_overrides = {k: config[k] for k in ("depth", "hidden_size") if config.get(k)}
+  if config.get("hidden_size"):
+    shape_overrides["num_heads"] = max(1, config["hidden_size"] // 64)
+  chunk = flops.DEFAULT_GLA_CHUNK
+  if family == "DiG":
+    backend = gla_api.resolve_backend(config["impl"], jax.numpy.zeros(()))
+    chunk = {"pallas_gpu": pallas_gpu.CHUNK, "pallas_tpu": pallas_tpu.CHUNK,
+             "reference": reference.CHUNK}.get(backend, chunk)
+    row.update(impl=backend, gla_chunk=chunk)
+  fwd = flops.forward_flops(name, px, gla_chunk=chunk, **shape_overrides)
+  row.update(fwd_gflops_per_image=fwd / 1e9, train_gflops_per_image=3 * fwd / 1e9)
+  if family == "DiT" and config["impl"] == "cudnn" and row["platform"] != "gpu":
+    row.update(status="skipped", error="cuDNN attention needs a GPU")
+    return row
+  state = None
+  try:
+    t0 = time.perf_counter()
+    step, init_state, params_count, latent = _build(config)
+    row["params_m"] = params_count / 1e6
+    state = init_state()
+    batches = _batches(batch, latent)
+    compiled = step.lower(state, batches[0]).compile()
+    row["compile_s"] = time.perf_counter() - t0
+    state, metrics, times = _time_steps(compiled, state, batches, config["steps"],
+                                        config["warmup"])
+    loss = float(metrics["loss"])
+    med = statistics.median(times)
+    row.update(status="ok", step_ms=med * 1e3, step_ms_min=min(times) * 1e3,
+               step_ms_max=max(times) * 1e3, images_per_s=batch / med,
+               achieved_tflops=3 * fwd * batch / med / 1e12, loss=loss)
+    if not math.isfinite(loss):
+      row["warning"] = "non-finite loss"
+    peak = _peak_bytes()
+    row.update(peak_bytes=peak, peak_gib=None if peak is None else peak / 2**30)
+  except Exception as e:  # noqa: BLE001 -- one failing configuration is a result too
+    row.update(status="OOM" if is_oom(e) else "error", error=f"{type(e).__name__}: "
+               f"{str(e).splitlines()[0] if str(e) else ''}"[:400])
+    peak = _peak_bytes()
+    row.update(peak_bytes=peak, peak_gib=None if peak is None else peak / 2**30)
+  finally:
+    del state
+  if config.get("find_max_batch") and row["status"] in ("ok", "OOM"):
+    try:
+      step, init_state, _, latent = _build(config)
+      start = batch if row["status"] == "ok" else 1
+      if row["status"] == "OOM" and not _fits(step, init_state, 1, latent):
+        row.update(max_batch=0)
+      else:
+        best, capped = find_max_batch(step, init_state, start, latent,
+                                      config.get("max_batch_limit", 4096), progress)
+        row.update(max_batch=best, max_batch_capped=capped)
+    except Exception as e:  # noqa: BLE001
+      row["max_batch_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+  return row
+
+
+# --------------------------------------------------------------------------------------------
+# Orchestration
+
+
+def _run_isolated(payload: dict, timeout: float) -> dict:
+  """Runs `python -m dig_jax.bench --worker JSON` and returns the row it prints."""
+  env = dict(os.environ)
+  env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
+  env.setdefault("PYTHONUNBUFFERED", "1")
+  cmd = [sys.executable, "-m", "dig_jax.bench", "--worker", json.dumps(payload)]
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+  try:
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None, text=True, timeout=timeout,
+                          env=env)
+  except subprocess.TimeoutExpired:
+    return dict(status="error", error=f"timed out after {timeout:.0f} s")
+  for line in proc.stdout.splitlines():
+    if line.startswith(RESULT_TAG):
+      return json.loads(line[len(RESULT_TAG):])
+    print(line, flush=True)
+  return dict(status="error", error=f"worker exited with code {proc.returncode} and no result "
+              "(crash or killed; out of host memory?)")
+
+
+def _worker(payload_json: str):
+  payload = json.loads(payload_json)
+  if payload.get("kind") == "matmul":
+    result = dict(matmul_tflops=matmul_tflops(payload["size"], payload["runs"]),
+                  **device_info())
+  else:
+    result = run_config(payload, progress=lambda s: print(s, file=sys.stderr, flush=True))
+  print(RESULT_TAG + json.dumps(result), flush=True)
+
+
+def add_ratios(rows: list[dict]):
+  """On each DiG row: speed and peak-memory ratios against the DiT rows of the same size,
+  resolution and batch (dig_speed_vs_dit_<impl> > 1 means DiG is faster)."""
+  for r in rows:
+    if r.get("family") != "DiG" or r.get("status") != "ok":
+      continue
+    for o in rows:
+      if (o.get("family") == "DiT" and o.get("status") == "ok" and o["size"] == r["size"]
+          and o["px"] == r["px"] and o["batch"] == r["batch"]):
+        r[f"dig_speed_vs_dit_{o['impl']}"] = r["images_per_s"] / o["images_per_s"]
+        if r.get("peak_bytes") and o.get("peak_bytes"):
+          r[f"dig_memory_vs_dit_{o['impl']}"] = r["peak_bytes"] / o["peak_bytes"]
+      elif (o.get("family") == "DiT" and o.get("status") == "OOM" and o["size"] == r["size"]
+            and o["px"] == r["px"] and o["batch"] == r["batch"]):
+        r[f"dig_speed_vs_dit_{o['impl']}"] = "DiT OOM"
+
+
+def _fmt(x, spec):
+  return "-" if x is None else format(x, spec)
+
+
+def table(rows: list[dict]) -> str:
+  head = ("model", "attention", "px", "batch", "img/s", "step ms", "peak GiB", "max batch",
+          "train GFLOP/img", "TFLOP/s", "MFU", "DiG/DiT speed (cudnn, xla)")
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for r in rows:
+    if r.get("status") != "ok":
+      status = r.get("status", "error")
+      detail = "" if status == "OOM" else f" ({r.get('error', '')[:60]})"
+      lines.append(f"| {r['model']} | {r['impl']} | {r['px']} | {r['batch']} | {status}{detail} "
+                   f"| | {_fmt(r.get('peak_gib'), '.2f')} | {r.get('max_batch', '-')} | "
+                   f"{r.get('train_gflops_per_image', 0):.4g} | | | |")
+      continue
+    ratio = ""
+    if r["family"] == "DiG":
+      vals = [r.get(f"dig_speed_vs_dit_{i}") for i in DIT_ATTENTION]
+      ratio = ", ".join("-" if v is None else v if isinstance(v, str) else f"{v:.2f}x"
+                        for v in vals)
+    mfu = r.get("mfu")
+    lines.append(
+        f"| {r['model']} | {r['impl']} | {r['px']} | {r['batch']} | {r['images_per_s']:.2f} | "
+        f"{r['step_ms']:.1f} | {_fmt(r.get('peak_gib'), '.2f')} | {r.get('max_batch', '-')} | "
+        f"{r['train_gflops_per_image']:.4g} | {r['achieved_tflops']:.3g} | "
+        f"{'-' if mfu is None else f'{100 * mfu:.1f}%'} | {ratio} |")
+  return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: str):
+  """Images/s and peak memory against resolution, one line per model and attention."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, (ax_speed, ax_mem) = plt.subplots(1, 2, figsize=(12, 4.5))
+  series = {}
+  for r in rows:
+    series.setdefault(f"{r['model']} ({r['impl']})", []).append(r)
+  for label, rs in series.items():
+    rs = sorted(rs, key=lambda r: r["px"])
+    ok = [r for r in rs if r.get("status") == "ok"]
+    style = dict(marker="o", linestyle="-" if label.startswith("DiG") else "--")
+    line, = ax_speed.plot([r["px"] for r in ok], [r["images_per_s"] for r in ok], label=label,
+                          **style)
+    mem = [r for r in ok if r.get("peak_gib") is not None]
+    ax_mem.plot([r["px"] for r in mem], [r["peak_gib"] for r in mem], label=label,
+                color=line.get_color(), **style)
+    ooms = [r["px"] for r in rs if r.get("status") == "OOM"]
+    for ax in (ax_speed, ax_mem):
+      for px in ooms:
+        ax.axvline(px, color=line.get_color(), alpha=0.3, linestyle=":")
+  ax_speed.set(xlabel="resolution (px)", ylabel="images / s (training step)", yscale="log",
+               title="Throughput")
+  ax_mem.set(xlabel="resolution (px)", ylabel="peak device memory (GiB)", title="Peak memory")
+  for ax in (ax_speed, ax_mem):
+    ax.grid(True, alpha=0.3)
+  ax_speed.legend(fontsize=8)
+  device = next((r.get("device") for r in rows if r.get("device")), "")
+  fig.suptitle(f"DiG vs DiT training step on {device} (dotted: OOM)")
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def _write_json(args, info, rows):
+  with open(args.json, "w") as fh:
+    json.dump({"settings": {k: v for k, v in vars(args).items() if k != "worker"},
+               "device": info, "rows": rows}, fh, indent=1)
+
+
+def build_parser():
+  doc = __doc__.split("\n\n")
+  parser = argparse.ArgumentParser(
+      prog="python -m dig_jax.bench", description="\n\n".join(doc[:2]),
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+      epilog="example: python -m dig_jax.bench --models S/2 --resolutions 256,1024 "
+             "--steps 20 --json rows.json --plot throughput.png")
+  parser.add_argument("--models", default=",".join(DEFAULT_MODELS),
+                      help="comma-separated sizes (S/2, B/4, XL/2: DiG and DiT) or full names "
+                           "(DiG-S/8, DiT-XL/2); default %(default)s")
+  parser.add_argument("--resolutions", default=",".join(map(str, RESOLUTIONS)),
+                      help="comma-separated image sizes in px (latent = px / 8); "
+                           "default %(default)s")
+  parser.add_argument("--batch", type=int, default=0,
+                      help="images per step; default: 16384 tokens' worth, from 1 to 64 "
+                           "(64 at 256 px with patch 2, 4 at 1024, 1 from 1536)")
+  parser.add_argument("--steps", type=int, default=20, help="timed steps (median reported)")
+  parser.add_argument("--warmup", type=int, default=3, help="untimed steps after compiling")
+  parser.add_argument("--dit_attention", default=",".join(DIT_ATTENTION),
+                      help="DiT attention implementations: cudnn, xla; default %(default)s "
+                           "(cudnn rows are skipped off GPU)")
+  parser.add_argument("--gla_backend", default="auto",
+                      help="DiG's chunk_gla backend (auto, reference, pallas_gpu, pallas_tpu)")
+  parser.add_argument("--dtype", default="bfloat16", help="compute dtype (params stay fp32)")
+  parser.add_argument("--find_max_batch", action="store_true",
+                      help="also search the largest batch that fits (doubling, then bisection "
+                           "to within 1/8); slow: one compile per try")
+  parser.add_argument("--max_batch_limit", type=int, default=4096,
+                      help="stop the max-batch search here")
+  parser.add_argument("--depth", type=int, default=0, help="override the depth (tests)")
+  parser.add_argument("--hidden_size", type=int, default=0,
+                      help="override the width (tests); heads = width / 64")
+  parser.add_argument("--matmul_size", type=int, default=0,
+                      help="n of the n x n x n bf16 matmul that sets the MFU peak; "
+                           "default 8192 (1024 on CPU)")
+  parser.add_argument("--in_process", action="store_true",
+                      help="run every configuration in this process (peaks become cumulative)")
+  parser.add_argument("--timeout", type=float, default=1200,
+                      help="seconds per configuration when isolated")
+  parser.add_argument("--json", help="write the rows (and the run's settings) to this file")
+  parser.add_argument("--plot", help="draw throughput and memory against resolution (PNG)")
+  parser.add_argument("--worker", help=argparse.SUPPRESS)
+  return parser
+
+
+def main(argv=None):
+  parser = build_parser()
+  args = parser.parse_args(argv)
+  if args.worker:
+    return _worker(args.worker)
+  for flag in ("steps", "warmup", "batch", "depth", "hidden_size"):
+    if getattr(args, flag) < (1 if flag == "steps" else 0):
+      parser.error(f"--{flag} must be {'>= 1' if flag == 'steps' else '>= 0'}")
+  try:
+    configs = make_configs(args)
+  except ValueError as e:
+    parser.error(str(e))
+
+  say = lambda s: print(s, flush=True)
+  say(f"dig_jax.bench: {len(configs)} configurations "
+      f"({'in process' if args.in_process else 'one subprocess each'})")
+  mm = dict(kind="matmul", size=args.matmul_size, runs=20)
+  if args.in_process:
+    info = dict(matmul_tflops=matmul_tflops(mm["size"], mm["runs"]), **device_info())
+  else:
+    info = _run_isolated(mm, args.timeout)
+  peak = info.get("matmul_tflops")
+  say(f"device: {info.get('device')} ({info.get('platform')}), jax {info.get('jax')}; "
+      f"dense bf16 matmul rate: "
+      f"{'failed: ' + info.get('error', '') if peak is None else f'{peak:.1f} TFLOP/s'}")
+
+  rows = []
+  for i, config in enumerate(configs):
+    say(f"[{i + 1}/{len(configs)}] {config['model']} ({config['impl']}) {config['px']} px, "
+        f"batch {config['batch']} ...")
+    start = time.perf_counter()
+    if args.in_process:
+      row = run_config(config)
+    elif config["impl"] == "cudnn" and info.get("platform") not in (None, "gpu"):
+      row = dict(status="skipped", error="cuDNN attention needs a GPU")
+    else:
+      row = _run_isolated(config, args.timeout)
+    row = {**dict(model=config["model"], family=config["model"].split("-")[0],
+                  size=config["model"].split("-")[1], px=config["px"], batch=config["batch"],
+                  impl=config["impl"]), **row}
+    if "train_gflops_per_image" not in row:
+      from dig_jax import flops
+      overrides = {k: config[k] for k in ("depth", "hidden_size") if config.get(k)}
+      if config.get("hidden_size"):
+        overrides["num_heads"] = max(1, config["hidden_size"] // 64)
+      row["train_gflops_per_image"] = flops.train_flops(config["model"], config["px"],
+                                                        **overrides) / 1e9
+    if row.get("status") == "ok" and peak:
+      row["mfu"] = row["achieved_tflops"] / peak
+    row["matmul_tflops"] = peak
+    rows.append(row)
+    if row.get("status") == "ok":
+      say(f"    {row['images_per_s']:.2f} img/s, step {row['step_ms']:.1f} ms, peak "
+          f"{_fmt(row.get('peak_gib'), '.2f')} GiB, MFU "
+          f"{_fmt(None if row.get('mfu') is None else 100 * row['mfu'], '.1f')}% "
+          f"(compile {row.get('compile_s', 0):.0f} s; {time.perf_counter() - start:.0f} s in all)")
+    else:
+      say(f"    {row.get('status')}: {row.get('error', '')}")
+    if args.json:  # after every configuration, so a killed run keeps what it measured
+      add_ratios(rows)
+      _write_json(args, info, rows)
+  add_ratios(rows)
+  say("\n" + table(rows))
+  if args.json:
+    _write_json(args, info, rows)
+    say(f"wrote {args.json}")
+  if args.plot:
+    plot(rows, args.plot)
+    say(f"wrote {args.plot}")
+  return rows
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,175 @@
+"""dig_jax.flops against independent counts; the dig_jax.bench CLI end to end on CPU."""
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import run_cli
+from dig_jax import bench, flops
+from dig_jax.models import create_model
+
+
+def _dot_flops(jaxpr) -> int:
+  """2 x multiply-adds of every dot_general and convolution in a (closed) jaxpr, recursively."""
+  total = 0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      lhs, rhs = (v.aval.shape for v in eqn.invars)
+      (_, rc), (_, rb) = eqn.params["dimension_numbers"]
+      rhs_free = [d for i, d in enumerate(rhs) if i not in rc and i not in rb]
+      total += 2 * math.prod(lhs) * math.prod(rhs_free)
+    elif eqn.primitive.name == "conv_general_dilated":
+      out = eqn.outvars[0].aval.shape
+      rhs = eqn.invars[1].aval.shape
+      out_feature_dim = eqn.params["dimension_numbers"].rhs_spec[0]
+      total += 2 * math.prod(out) * math.prod(rhs) // rhs[out_feature_dim]
+    for sub in _sub_jaxprs(eqn.params):
+      total += _dot_flops(sub)
+  return total
+
+
+def _sub_jaxprs(params):
+  for value in params.values():
+    for v in value if isinstance(value, (list, tuple)) else (value,):
+      if hasattr(v, "eqns"):
+        yield v
+      elif hasattr(v, "jaxpr") and hasattr(v.jaxpr, "eqns"):
+        yield v.jaxpr
+
+
+def _forward_jaxpr(model, batch, latent):
+  graphdef, state = nnx.split(model)
+  x = jnp.ones((batch, latent, latent, 4), jnp.float32)
+  t = jnp.ones((batch,), jnp.int32)
+  y = jnp.ones((batch,), jnp.int32)
+  fn = lambda s, x, t, y: nnx.merge(graphdef, s)(x, t, y)
+  return fn, (state, x, t, y), jax.make_jaxpr(fn)(state, x, t, y).jaxpr
+
+
+TINY = dict(depth=2, hidden_size=128, num_heads=2)
+
+
+@pytest.mark.parametrize("name,latent", [("DiT-S/2", 16), ("DiT-S/4", 24)])
+def test_dit_flops_match_jaxpr_and_xla(name, latent):
+  model = create_model(name, input_size=latent, in_channels=4, num_classes=10,
+                       attention_impl="xla", rngs=nnx.Rngs(0), **TINY)
+  fn, args, jaxpr = _forward_jaxpr(model, 2, latent)
+  want = flops.forward_flops_shape(flops.model_shape(name, **TINY), (latent, latent))
+  # Every matmul, the T^2 attention terms included, exactly.
+  assert 2 * want["total"] == _dot_flops(jaxpr)
+  # XLA's own count adds elementwise work (norms, softmax, GELU), a little on top.
+  xla = jax.jit(fn).lower(*args).compile().cost_analysis()
+  xla = xla[0] if isinstance(xla, (list, tuple)) else xla
+  assert 1.0 <= xla["flops"] / (2 * want["total"]) < 1.25
+
+
+def test_dig_flops_match_jaxpr_outside_the_gla_kernel(monkeypatch):
+  """The projections, SwiGLU (down projection included), gate, embedders and final layer:
+  the jaxpr with the GLA kernel stubbed out has exactly the analytic matmuls less mixer_core."""
+  import dig_jax.models.gla as gla_module
+  monkeypatch.setattr(gla_module, "chunk_gla", lambda q, k, v, g, **kw: (v * 1, None))
+  name, latent = "DiG-S/2", 16
+  model = create_model(name, input_size=latent, in_channels=4, num_classes=10,
+                       rngs=nnx.Rngs(0), **TINY)
+  _, _, jaxpr = _forward_jaxpr(model, 3, latent)
+  parts = flops.forward_flops_shape(flops.model_shape(name, **TINY), (latent, latent))
+  matmuls = parts["total"] - parts["mixer_core"] - parts["dwconv"]
+  assert 3 * matmuls == _dot_flops(jaxpr)
+  # SwiGLU's three matmuls: 2 * T * 3 * D * I per layer (I = 512 for D = 128).
+  assert parts["mlp"] == 2 * 2 * 64 * 3 * 128 * 512
+
+
+def test_gla_core_hand_count():
+  """Per head and token: intra-chunk C*(K+V), inter-chunk q@S and k^T v at 2*K*V each; 3x of
+  that is perf.md's training floor T * [12 K V + 3 C (K + V)]."""
+  t, h, kd, vd, c = 4096, 6, 32, 64, 32
+  fwd = flops.gla_core_flops(t, h, kd, vd, c)
+  assert fwd == t * h * (32 * 96 + 4 * 32 * 64)
+  assert 3 * fwd == h * t * (12 * kd * vd + 3 * c * (kd + vd))
+  assert flops.gla_core_flops(16, 1, kd, vd, 64) == 16 * (16 * 96 + 4 * 32 * 64)  # T < C
+
+
+def test_released_sizes_match_dit_paper():
+  """DiT's paper counts multiply-adds: 6.06 G (S/2) and 118.6 G (XL/2) at 256 px."""
+  assert flops.forward_flops("DiT-S/2", 256) / 2e9 == pytest.approx(6.06, rel=0.01)
+  assert flops.forward_flops("DiT-XL/2", 256) / 2e9 == pytest.approx(118.6, rel=0.01)
+  assert flops.train_flops("DiG-S/2", 1024) == 3 * flops.forward_flops("DiG-S/2", 1024)
+  # Linear in tokens for DiG, quadratic attention term for DiT.
+  dig = [flops.forward_flops("DiG-XL/2", px) for px in (1024, 2048)]
+  dit = [flops.forward_flops("DiT-XL/2", px) for px in (1024, 2048)]
+  assert dig[1] / dig[0] == pytest.approx(4, rel=0.02)
+  assert dit[1] / dit[0] > 6
+
+
+def test_model_and_resolution_parsing():
+  assert bench.expand_models("S/2,DiG-XL/2") == ["DiG-S/2", "DiT-S/2", "DiG-XL/2"]
+  with pytest.raises(ValueError, match="unknown model 'Q/2'"):
+    bench.expand_models("Q/2")
+  with pytest.raises(ValueError, match="resolution 300 px"):
+    bench.parse_resolutions("256,300", (2,))
+  with pytest.raises(ValueError, match="not an integer"):
+    bench.parse_resolutions("256px", (2,))
+  assert [bench.default_batch(px, 2) for px in (256, 512, 1024, 1536, 2048)] == [64, 16, 4, 1, 1]
+
+
+def test_cli_rejects_unknown_model_and_resolution():
+  res = run_cli("-m", "dig_jax.bench", "--models", "DiG-Q/2", timeout=120)
+  assert res.returncode == 2 and "unknown model" in res.stderr
+  res = run_cli("-m", "dig_jax.bench", "--resolutions", "100", timeout=120)
+  assert res.returncode == 2 and "resolution 100 px" in res.stderr
+
+
+def test_cli_end_to_end(tmp_path):
+  out, png = tmp_path / "rows.json", tmp_path / "plot.png"
+  res = run_cli("-m", "dig_jax.bench", "--models", "DiG-S/8,DiT-S/8", "--resolutions", "64",
+                "--steps", "2", "--warmup", "1", "--depth", "1", "--hidden_size", "64",
+                "--batch", "2", "--matmul_size", "256", "--json", str(out), "--plot", str(png),
+                timeout=300)  # default mode: one subprocess per configuration
+  assert res.returncode == 0, res.stdout + res.stderr
+  data = json.loads(out.read_text())
+  rows = {(r["model"], r["impl"]): r for r in data["rows"]}
+  assert set(rows) == {("DiG-S/8", "reference"), ("DiT-S/8", "cudnn"), ("DiT-S/8", "xla")}
+  assert rows[("DiT-S/8", "cudnn")]["status"] == "skipped"  # no GPU here
+  for key in (("DiG-S/8", "reference"), ("DiT-S/8", "xla")):
+    r = rows[key]
+    assert r["status"] == "ok", r
+    for k in ("images_per_s", "step_ms", "peak_gib", "train_gflops_per_image", "mfu",
+              "matmul_tflops", "achieved_tflops", "batch", "px", "tokens", "device"):
+      assert k in r, k
+    assert r["images_per_s"] > 0 and 0 < r["mfu"] and np.isfinite(r["loss"])
+    assert r["train_gflops_per_image"] == pytest.approx(
+        3 * flops.forward_flops(key[0], 64, depth=1, hidden_size=64, num_heads=1,
+                                gla_chunk=r.get("gla_chunk", 32)) / 1e9)
+  assert rows[("DiG-S/8", "reference")]["dig_speed_vs_dit_xla"] > 0
+  assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
+  assert "| DiG-S/8 |" in res.stdout
+
+
+def test_max_batch_search_stops_at_first_oom():
+  tried = []
+
+  def fits(step, init_state, batch, latent):
+    tried.append(batch)
+    return batch <= 37
+
+  orig, bench._fits = bench._fits, fits
+  try:
+    best, capped = bench.find_max_batch(None, None, 4, 8, limit=4096, progress=lambda s: None)
+  finally:
+    bench._fits = orig
+  assert not capped and 33 <= best <= 37 and tried[:5] == [4, 8, 16, 32, 64]
+
+
+def test_bench_imports_no_data_pipeline():
+  code = ("import sys, dig_jax.bench, dig_jax.flops; bench = dig_jax.bench; "
+          "bench._load_make_train_step(); "
+          "bad = [m for m in ('grain', 'ml_collections', 'tensorflow_datasets', 'orbax', "
+          "'dig_jax.train', 'dig_jax.data') if m in sys.modules]; print(bad); "
+          "sys.exit(1 if bad else 0)")
+  res = run_cli("-c", code, timeout=120)
+  assert res.returncode == 0, res.stdout + res.stderr
