@@ -24,7 +24,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
-  from dig_jax.train import ConfigError, NonFiniteLossError, train  # after flags: fast --help
+  from dig_jax.train.loop import NonFiniteLossError, train  # after flags: fast --help
+  from dig_jax.train.validate import ConfigError
   try:
     step = train(flags.FLAGS.config, flags.FLAGS.workdir)
   except (ConfigError, NonFiniteLossError, FileNotFoundError) as e:

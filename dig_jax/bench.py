@@ -16,7 +16,6 @@ then peaks are cumulative). Does not import the data pipeline (grain, tfds, ml_c
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -116,19 +115,6 @@ def make_configs(args) -> list[dict]:
 # Measurements (these import JAX; the parent process of an isolated run never does)
 
 
-def _load_make_train_step():
-  """`dig_jax.train.step.make_train_step`, loaded from its file: importing the package
-  `dig_jax.train` would pull in the data pipeline and checkpointing (grain, orbax)."""
-  name = "dig_jax.train.step"
-  if name in sys.modules:
-    return sys.modules[name].make_train_step
-  path = os.path.join(os.path.dirname(__file__), "train", "step.py")
-  spec = importlib.util.spec_from_file_location("_dig_bench_train_step", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.make_train_step
-
-
 def is_oom(err: BaseException) -> bool:
   text = f"{type(err).__name__} {err}".lower()
   return any(s in text for s in ("resource_exhausted", "out of memory", "resourceexhausted",
@@ -180,6 +166,7 @@ def _build(config):
 
   from dig_jax.diffusion import create_schedule
   from dig_jax.models import count_parameters, create_model
+  from dig_jax.train.step import make_train_step
 
   name, px = config["model"], config["px"]
   overrides = dict(dtype=jnp.dtype(config["dtype"]))
@@ -200,9 +187,8 @@ def _build(config):
   del model
   tx = optax.adamw(1e-4, weight_decay=0.0)  # the paper's recipe
   train_config = types.SimpleNamespace(ema_decay=0.9999, label_dropout=0.1)
-  step = _load_make_train_step()(graphdef, tx, create_schedule(1000), train_config,
-                                 null_class=NUM_CLASSES, learn_sigma=True,
-                                 base_key=jax.random.key(1))
+  step = make_train_step(graphdef, tx, create_schedule(1000), train_config,
+                         null_class=NUM_CLASSES, learn_sigma=True, base_key=jax.random.key(1))
 
   def init_state():
     return {"step": jnp.zeros((), jnp.int32), "params": params,

@@ -42,7 +42,7 @@ def tiny_config(**train_overrides):
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
   """A workdir holding a 4-step run of the tiny digits config (checkpoints at 2 and 4)."""
-  from dig_jax.train import train
+  from dig_jax.train.loop import train
   workdir = str(tmp_path_factory.mktemp("tiny_run"))
   train(tiny_config(total_steps=4, checkpoint_every=2), workdir)
   return workdir

@@ -13,7 +13,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from conftest import REPO, tiny_config
-from dig_jax.train import train
+from dig_jax.train.loop import train
 from dig_jax.train.checkpoint import Checkpointer
 from dig_jax.train.metrics import read_metrics
 from dig_jax.train.sharding import array_spec, mesh_shape

@@ -12,7 +12,8 @@ import pytest
 from flax import nnx
 
 from conftest import REPO, run_cli, tiny_config
-from dig_jax.train import ConfigError, NonFiniteLossError, train
+from dig_jax.train.loop import NonFiniteLossError, train
+from dig_jax.train.validate import ConfigError
 from dig_jax.train.checkpoint import Checkpointer, abstract_like
 from dig_jax.train.metrics import read_metrics
 from dig_jax.train.state import init_state, make_optimizer, split_model

@@ -1,5 +1,5 @@
-"""Training: train state, step, sharding rules, checkpoints, metrics and the loop."""
-from dig_jax.train.loop import NonFiniteLossError, train
-from dig_jax.train.validate import ConfigError
+"""Training: state, step, sharding rules, checkpoints, metrics, validation and the loop.
 
-__all__ = ["ConfigError", "NonFiniteLossError", "train"]
+Submodules are imported directly (`from dig_jax.train.loop import train`), so that tools which
+only need the step (benchmarks) do not load the data pipeline and checkpointing.
+"""
