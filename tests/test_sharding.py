@@ -68,7 +68,7 @@ def _params(workdir):
   return [np.asarray(x) for x in jax.tree.leaves(_restore_params(workdir))]
 
 
-def test_checkpoint_from_8_devices_restores_on_1_and_continues(tmp_path):
+def test_checkpoint_moves_between_8_devices_and_1(tmp_path):
   workdir = str(tmp_path / "run")
   first = subprocess.run(_train_cli(workdir, "--config.mesh.data=2", "--config.mesh.fsdp=4",
                                     "--config.mesh.fsdp_min_size_mb=0",
@@ -79,8 +79,13 @@ def test_checkpoint_from_8_devices_restores_on_1_and_continues(tmp_path):
   config = tiny_config(total_steps=4)
   config.mesh.fsdp_min_size_mb = 0.0
   assert train(config, workdir) == 4
-  assert [m["step"] for m in read_metrics(workdir)] == [2, 4]
-  assert Checkpointer(workdir, read_only=True).all_steps() == [2, 4]
+  # ... and back onto 8 devices (data 8), two more steps.
+  third = subprocess.run(_train_cli(workdir, "--config.mesh.fsdp_min_size_mb=0",
+                                    "--config.train.total_steps=6"),
+                         cwd=REPO, env=EIGHT_DEVICES, capture_output=True, text=True, timeout=600)
+  assert third.returncode == 0 and "Resuming from step 4" in third.stdout, third.stderr[-3000:]
+  assert [m["step"] for m in read_metrics(workdir)] == [2, 4, 6]
+  assert Checkpointer(workdir, read_only=True).all_steps() == [2, 4, 6]
 
 
 def test_sigterm_exits_zero_with_a_checkpoint(tmp_path):
