@@ -65,3 +65,15 @@ def base_config() -> config_dict.ConfigDict:
   config.sample.steps = 250
   config.sample.cfg_scale = 1.5
   return config
+
+
+def shrink_for_runlocal(config: config_dict.ConfigDict) -> None:
+  """A smoke run: a 2-layer, 64-wide model, batch 8, four steps, checkpoints every two."""
+  config.model.depth = 2
+  config.model.hidden_size = 64
+  config.model.num_heads = 1
+  config.train.global_batch_size = 8
+  config.train.total_steps = 4
+  config.train.log_every = 2
+  config.train.checkpoint_every = 2
+  config.sample.steps = 4

@@ -36,13 +36,6 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   config.sample.steps = 100
   config.sample.cfg_scale = 2.0
 
-  if args.runlocal:  # a smoke run: a 2-layer model and a handful of steps
-    config.model.depth = 2
-    config.model.hidden_size = 64
-    config.model.num_heads = 1
-    config.train.global_batch_size = 8
-    config.train.total_steps = 4
-    config.train.log_every = 2
-    config.train.checkpoint_every = 2
-    config.sample.steps = 4
+  if args.runlocal:
+    common.shrink_for_runlocal(config)
   return config

@@ -64,12 +64,5 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   if args.runlocal:  # a smoke run on a tiny cache: 64 px (8x8 latents), a 2-layer model, 4 steps
     config.data.pixel_size = 64
     config.data.image_size = 8
-    config.model.depth = 2
-    config.model.hidden_size = 64
-    config.model.num_heads = 1
-    config.train.global_batch_size = 8
-    config.train.total_steps = 4
-    config.train.log_every = 2
-    config.train.checkpoint_every = 2
-    config.sample.steps = 4
+    common.shrink_for_runlocal(config)
   return config
