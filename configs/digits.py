@@ -3,8 +3,9 @@
     python train.py --config configs/digits.py --workdir workdirs/digits
     python train.py --config configs/digits.py:runlocal --workdir /tmp/smoke   # seconds, for tests
 
-Sized to train in about ten minutes on two CPU cores. At that budget the samples are not yet
-legible digits (see README, "Demo results"): the model still needs more steps.
+5,000 steps take about 20 minutes on two CPU cores; the samples are then legible digits of the
+requested class (66 % recognised by a classifier, README "Demo results"). At 3,000 steps they are
+not yet (23 %).
 """
 from ml_collections import config_dict
 
@@ -26,7 +27,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   config.data.num_classes = 10
 
   config.train.global_batch_size = 32
-  config.train.total_steps = 3000
+  config.train.total_steps = 5000
   config.train.learning_rate = 2e-3
   config.train.warmup_steps = 200
   config.train.ema_decay = 0.995

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import app, flags
+from absl import app, flags, logging
 
 from dig_jax.data.pipeline import pad_to_size
 from dig_jax.data.sources import load_mnist_5k
@@ -89,6 +89,8 @@ flags.DEFINE_string("json", None, "Also write the result to this JSON file.")
 
 def main(argv):
   del argv
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.ERROR)
   if not flags.FLAGS.npz:
     sys.exit("error: --npz is required (write one with sample.py --npz FILE)")
   if not os.path.isfile(flags.FLAGS.npz):
