@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 
 from conftest import REPO, run_cli, tiny_config
+from dig_jax.data import create_source, train_dataset
 from dig_jax.train.loop import NonFiniteLossError, train
 from dig_jax.train.validate import ConfigError
 from dig_jax.train.checkpoint import Checkpointer, abstract_like
@@ -54,9 +55,8 @@ def test_checkpoint_save_restore_is_identical(tmp_path):
   state["step"] = state["step"] + 7
   state["ema_params"] = jax.tree.map(lambda x: x * 0.5, noisy)
   _, state["opt_state"] = tx.update(noisy, state["opt_state"], noisy)  # non-trivial moments
-  data_iter = iter(__import__("dig_jax.data", fromlist=["x"]).train_dataset(
-      __import__("dig_jax.data", fromlist=["x"]).create_source("digits"), global_batch_size=8,
-      image_size=32, seed=0))
+  data_iter = iter(train_dataset(create_source("digits"), global_batch_size=8, image_size=32,
+                                 seed=0))
   ckpt = Checkpointer(str(tmp_path))
   ckpt.save(state, state["ema_params"], data_iter, config.to_dict())
   ckpt.close()

@@ -69,13 +69,13 @@ def train(config, workdir: str) -> int:
   # --- Mesh and input -------------------------------------------------------------------------
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
   if tc.global_batch_size % mesh.size:
-    raise ValueError(f"config.train.global_batch_size={tc.global_batch_size} must be divisible "
-                     f"by the number of devices ({mesh.size})")
+    raise ConfigError(f"config.train.global_batch_size={tc.global_batch_size} must be divisible "
+                      f"by the number of devices ({mesh.size})")
   source = create_source(config.data)
   if source.num_classes != config.data.num_classes or source.image_shape[-1] != config.data.channels:
-    raise ValueError(f"data source {config.data.name!r} has {source.num_classes} classes and "
-                     f"{source.image_shape[-1]} channels, config says {config.data.num_classes} "
-                     f"and {config.data.channels}")
+    raise ConfigError(f"data source {config.data.name!r} has {source.num_classes} classes and "
+                      f"{source.image_shape[-1]} channels, config says {config.data.num_classes} "
+                      f"and {config.data.channels}")
   data_iter = iter(train_dataset(source, global_batch_size=tc.global_batch_size,
                                  image_size=config.data.image_size, seed=config.seed))
 
