@@ -51,6 +51,9 @@ def base_config() -> config_dict.ConfigDict:
   config.train.total_steps = 400_000
   config.train.learning_rate = 1e-4
   config.train.warmup_steps = 0
+  config.train.lr_schedule = "constant"                    # or "cosine": to zero at total_steps
+  config.train.adam_b1 = 0.9
+  config.train.adam_b2 = 0.999
   config.train.weight_decay = 0.0
   config.train.grad_clip_norm = 0.0                        # 0: no clipping (the paper's recipe)
   config.train.ema_decay = 0.9999

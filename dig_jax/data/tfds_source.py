@@ -5,8 +5,6 @@ and are decoded with PIL by the pipeline's transforms, like the image folder's f
 """
 from __future__ import annotations
 
-import tensorflow_datasets as tfds
-
 from dig_jax.data.transforms import encoded_image_transforms
 
 
@@ -29,6 +27,7 @@ class TfdsSource:
   image_shape = (None, None, 3)
 
   def __init__(self, name: str, data_dir: str | None = None, split: str = "train"):
+    import tensorflow_datasets as tfds  # slow to import; only runs that read TFDS pay for it
     try:
       builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError:
