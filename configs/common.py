@@ -36,6 +36,8 @@ def base_config() -> config_dict.ConfigDict:
   config.data.image_size = 32
   config.data.channels = 1
   config.data.num_classes = 10
+  config.data.num_threads = 2                              # grain reader threads per process
+  config.data.num_workers = 0                              # >0: that many reader processes too
 
   config.diffusion = config_dict.ConfigDict()
   config.diffusion.num_timesteps = 1000

@@ -7,7 +7,7 @@ The recipe was picked by a sweep of 16 variants on a GPU (scripts/tune_demo.py w
 scripts/demo_variants.txt; results in BENCHMARKS.md "Demo recipe"): for the same CPU time, a
 96-wide single-head model trained for more steps beats the 128-wide one, and AdamW with
 b2 = 0.99 and a cosine decay learns the class signal much sooner than a constant rate. 4,500
-steps take about 10 minutes on two CPU cores; the samples are then legible digits of the
+steps take about 11 minutes on two CPU cores; the samples are then legible digits of the
 requested class (README "Demo results").
 """
 from ml_collections import config_dict
@@ -40,7 +40,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   config.train.checkpoint_every = 1000
 
   config.sample.steps = 100
-  config.sample.cfg_scale = 6.0          # measured best of 2 / 4 / 6 (BENCHMARKS.md "Demo recipe")
+  config.sample.cfg_scale = 3.0          # the grids read best by eye (README "Demo results")
 
   if args.runlocal:
     common.shrink_for_runlocal(config)

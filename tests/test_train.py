@@ -17,8 +17,8 @@ from dig_jax.train.loop import NonFiniteLossError, train
 from dig_jax.train.validate import ConfigError
 from dig_jax.train.checkpoint import Checkpointer, abstract_like
 from dig_jax.train.metrics import read_metrics
-from dig_jax.train.state import init_state, make_optimizer, split_model
-from dig_jax.train.validate import check_config
+from dig_jax.train.state import init_state, learning_rate_schedule, make_optimizer, split_model
+from dig_jax.train.validate import check_config, check_resume_config
 
 
 def _restore_params(workdir, step=None):
@@ -120,12 +120,35 @@ def test_non_finite_loss_stops_without_saving(tmp_path):
     ("data", "image_size", 30, r"input size 30x30 must be positive and divisible by the patch size 4"),
     ("model", "dtype", "float8", r"config.model.dtype='float8'; expected one of"),
     ("data", "name", "imagenet9", r"config.data.name='imagenet9'; expected one of"),
+    ("train", "lr_schedule", "linear", r"config.train.lr_schedule='linear'; expected one of"),
+    ("train", "adam_b2", 1.0, r"config.train.adam_b2=1.0; expected \[0, 1\)"),
+    ("data", "num_threads", 0, r"config.data.num_threads=0; expected an integer >= 1"),
 ])
 def test_bad_configs_are_refused(section, key, value, match):
   config = tiny_config()
   config[section][key] = value
   with pytest.raises(ConfigError, match=match):
     check_config(config)
+
+
+def test_cosine_schedule_matches_the_closed_form():
+  config = tiny_config(total_steps=1000, warmup_steps=100, learning_rate=4e-3)
+  config.train.lr_schedule = "cosine"
+  schedule = learning_rate_schedule(config.train)
+  steps = np.array([0, 37, 100, 101, 350, 777, 999, 1000])
+  expected = np.where(steps < 100, 4e-3 * steps / 100,
+                      0.5 * 4e-3 * (1 + np.cos(np.pi * (steps - 100) / 900)))
+  np.testing.assert_allclose([float(schedule(s)) for s in steps], expected, rtol=1e-5, atol=1e-9)
+
+
+def test_resume_check_ignores_where_and_how_but_not_what():
+  config = tiny_config()
+  saved = config.to_dict()
+  config.data.num_threads, config.model.gla_backend = 7, "reference"
+  check_resume_config(saved, config)  # reader threads and kernel backend may change on resume
+  config.model.hidden_size = 2 * config.model.hidden_size
+  with pytest.raises(ConfigError, match=r"model.hidden_size: checkpoint \d+, config \d+"):
+    check_resume_config(saved, config)
 
 
 def test_cli_bad_inputs_give_one_line_and_keep_checkpoints(tiny_run):

@@ -77,7 +77,9 @@ def train(config, workdir: str) -> int:
                       f"{source.image_shape[-1]} channels, config says {config.data.num_classes} "
                       f"and {config.data.channels}")
   data_iter = iter(train_dataset(source, global_batch_size=tc.global_batch_size,
-                                 image_size=config.data.image_size, seed=config.seed))
+                                 image_size=config.data.image_size, seed=config.seed,
+                                 num_threads=config.data.num_threads,
+                                 num_workers=config.data.num_workers))
 
   # --- Model, optimizer, diffusion ------------------------------------------------------------
   tx = make_optimizer(tc)

@@ -11,7 +11,8 @@ from dig_jax.train.state import LR_SCHEDULES
 from kernels_pallas.gla.api import BACKENDS
 
 DTYPES = ("float32", "bfloat16", "float16")
-_LOCATION_KEYS = ("path",)
+# Keys that say where data is or how it is computed, not what the run is: they may change on resume.
+_UNCOMPARED_KEYS = ("path", "num_threads", "num_workers", "gla_backend")
 
 
 class ConfigError(ValueError):
@@ -37,6 +38,10 @@ def check_config(config):
     raise ConfigError(str(e)) from None
   _require(config.mesh.fsdp_min_size_mb >= 0,
            f"config.mesh.fsdp_min_size_mb={config.mesh.fsdp_min_size_mb}; expected >= 0")
+  for key in ("num_threads", "num_workers"):
+    minimum = 1 if key == "num_threads" else 0
+    _require(config.data[key] >= minimum,
+             f"config.data.{key}={config.data[key]}; expected an integer >= {minimum}")
   tc = config.train
   _require(tc.keep_every >= 0, f"config.train.keep_every={tc.keep_every}; expected >= 0")
   for key in ("global_batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
@@ -72,14 +77,15 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 def check_resume_config(saved: dict, config):
   """A workdir's checkpoint must come from the same model, data and diffusion settings.
 
-  Paths are not compared: data may move between machines, what it is must not change.
+  Paths, reader threads and the GLA backend are not compared: a run may move between machines,
+  what it trains must not change.
   """
   current = config.to_dict()
   diffs = []
   for section in ("model", "data", "diffusion"):
     before, now = _flatten(saved.get(section, {})), _flatten(current[section])
     for key in sorted(set(before) | set(now)):
-      if key.rsplit(".", 1)[-1] not in _LOCATION_KEYS and before.get(key) != now.get(key):
+      if key.rsplit(".", 1)[-1] not in _UNCOMPARED_KEYS and before.get(key) != now.get(key):
         diffs.append(f"{section}.{key}: checkpoint {before.get(key)!r}, config {now.get(key)!r}")
   if diffs:
     raise ConfigError("the workdir holds a checkpoint of a different run; use another --workdir "
