@@ -452,6 +452,21 @@ def plot(rows: list[dict], path: str):
   plt.close(fig)
 
 
+def _row_key(row: dict) -> tuple:
+  """What --resume matches on; a DiG row counts whatever GLA backend "auto" resolved to."""
+  impl = row["impl"] if row["model"].startswith("DiT") else "gla"
+  return row["model"], impl, row["px"], row["batch"]
+
+
+def previous_rows(path: str) -> list[dict]:
+  """The finished rows (measured, or out of memory) of an earlier run's --json file."""
+  if not os.path.exists(path):
+    return []
+  with open(path) as fh:
+    rows = json.load(fh)["rows"]
+  return [r for r in rows if r.get("status") in ("ok", "OOM")]
+
+
 def _write_json(args, info, rows):
   with open(args.json, "w") as fh:
     json.dump({"settings": {k: v for k, v in vars(args).items() if k != "worker"},
@@ -498,6 +513,10 @@ def build_parser():
   parser.add_argument("--timeout", type=float, default=1200,
                       help="seconds per configuration when isolated")
   parser.add_argument("--json", help="write the rows (and the run's settings) to this file")
+  parser.add_argument("--resume", action="store_true",
+                      help="keep the rows already in --json and measure only the configurations "
+                           "it lacks (or that failed there), so a long sweep can be split over "
+                           "several runs")
   parser.add_argument("--plot", help="draw throughput and memory against resolution (PNG)")
   parser.add_argument("--worker", help=argparse.SUPPRESS)
   return parser
@@ -515,6 +534,13 @@ def main(argv=None):
     configs = make_configs(args)
   except ValueError as e:
     parser.error(str(e))
+  if args.resume and not args.json:
+    parser.error("--resume needs --json FILE (the rows to keep)")
+  kept = previous_rows(args.json) if args.resume else []
+  done = {_row_key(r) for r in kept}
+  configs = [c for c in configs if _row_key(c) not in done]
+  if kept:
+    print(f"dig_jax.bench: keeping {len(kept)} rows from {args.json}", flush=True)
 
   say = lambda s: print(s, flush=True)
   say(f"dig_jax.bench: {len(configs)} configurations "
@@ -529,7 +555,7 @@ def main(argv=None):
       f"dense bf16 matmul rate: "
       f"{'failed: ' + info.get('error', '') if peak is None else f'{peak:.1f} TFLOP/s'}")
 
-  rows = []
+  rows = list(kept)
   for i, config in enumerate(configs):
     say(f"[{i + 1}/{len(configs)}] {config['model']} ({config['impl']}) {config['px']} px, "
         f"batch {config['batch']} ...")

@@ -150,6 +150,21 @@ def test_cli_end_to_end(tmp_path):
   assert "| DiG-S/8 |" in res.stdout
 
 
+def test_resume_keeps_measured_rows_and_adds_missing_ones(tmp_path):
+  out = str(tmp_path / "rows.json")
+  tiny = ["--resolutions", "64", "--steps", "1", "--warmup", "0", "--depth", "1",
+          "--hidden_size", "64", "--batch", "2", "--matmul_size", "128", "--in_process",
+          "--dit_attention", "xla", "--json", out]
+  first = bench.main(["--models", "DiG-S/8", *tiny])
+  second = bench.main(["--models", "DiG-S/8,DiT-S/8", "--resume", *tiny])
+  assert [(r["model"], r["status"]) for r in second] == [("DiG-S/8", "ok"), ("DiT-S/8", "ok")]
+  assert second[0]["step_ms"] == first[0]["step_ms"]  # kept, not measured again
+  with open(out) as fh:
+    assert len(json.load(fh)["rows"]) == 2
+  with pytest.raises(SystemExit):  # --resume without --json
+    bench.main(["--models", "DiG-S/8", "--resume", *tiny[:-2]])
+
+
 def test_max_batch_search_stops_at_first_oom():
   tried = []
 
