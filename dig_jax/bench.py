@@ -106,7 +106,7 @@ def make_configs(args) -> list[dict]:
       for impl in impls:
         configs.append(dict(model=name, px=px, batch=batch, impl=impl, steps=args.steps,
                             warmup=args.warmup, depth=args.depth, hidden_size=args.hidden_size,
-                            dtype=args.dtype, find_max_batch=args.find_max_batch,
+                            dtype=args.dtype, remat=args.remat, find_max_batch=args.find_max_batch,
                             max_batch_limit=args.max_batch_limit))
   return configs
 
@@ -169,7 +169,7 @@ def _build(config):
   from dig_jax.train.step import make_train_step
 
   name, px = config["model"], config["px"]
-  overrides = dict(dtype=jnp.dtype(config["dtype"]))
+  overrides = dict(dtype=jnp.dtype(config["dtype"]), remat=config.get("remat", "none"))
   if config.get("depth"):
     overrides["depth"] = config["depth"]
   if config.get("hidden_size"):
@@ -390,6 +390,11 @@ def _fmt(x, spec):
   return "-" if x is None else format(x, spec)
 
 
+def _impl(row: dict) -> str:
+  remat = row.get("remat", "none")
+  return row["impl"] if remat == "none" else f"{row['impl']}, remat {remat}"
+
+
 def table(rows: list[dict]) -> str:
   head = ("model", "attention", "px", "batch", "img/s", "step ms", "peak GiB", "max batch",
           "train GFLOP/img", "TFLOP/s", "MFU", "DiG/DiT speed (cudnn, xla)")
@@ -398,7 +403,7 @@ def table(rows: list[dict]) -> str:
     if r.get("status") != "ok":
       status = r.get("status", "error")
       detail = "" if status == "OOM" else f" ({r.get('error', '')[:60]})"
-      lines.append(f"| {r['model']} | {r['impl']} | {r['px']} | {r['batch']} | {status}{detail} "
+      lines.append(f"| {r['model']} | {_impl(r)} | {r['px']} | {r['batch']} | {status}{detail} "
                    f"| | {_fmt(r.get('peak_gib'), '.2f')} | {r.get('max_batch', '-')} | "
                    f"{r.get('train_gflops_per_image', 0):.4g} | | | |")
       continue
@@ -409,7 +414,7 @@ def table(rows: list[dict]) -> str:
                         for v in vals)
     mfu = r.get("mfu")
     lines.append(
-        f"| {r['model']} | {r['impl']} | {r['px']} | {r['batch']} | {r['images_per_s']:.2f} | "
+        f"| {r['model']} | {_impl(r)} | {r['px']} | {r['batch']} | {r['images_per_s']:.2f} | "
         f"{r['step_ms']:.1f} | {_fmt(r.get('peak_gib'), '.2f')} | {r.get('max_batch', '-')} | "
         f"{r['train_gflops_per_image']:.4g} | {r['achieved_tflops']:.3g} | "
         f"{'-' if mfu is None else f'{100 * mfu:.1f}%'} | {ratio} |")
@@ -455,7 +460,7 @@ def plot(rows: list[dict], path: str):
 def _row_key(row: dict) -> tuple:
   """What --resume matches on; a DiG row counts whatever GLA backend "auto" resolved to."""
   impl = row["impl"] if row["model"].startswith("DiT") else "gla"
-  return row["model"], impl, row["px"], row["batch"]
+  return row["model"], impl, row["px"], row["batch"], row.get("remat", "none")
 
 
 def previous_rows(path: str) -> list[dict]:
@@ -497,6 +502,10 @@ def build_parser():
   parser.add_argument("--gla_backend", default="auto",
                       help="DiG's chunk_gla backend (auto, reference, pallas_gpu, pallas_tpu)")
   parser.add_argument("--dtype", default="bfloat16", help="compute dtype (params stay fp32)")
+  parser.add_argument("--remat", default="none", choices=("none", "full", "dots"),
+                      help="what each block keeps for the backward pass: everything (none), its "
+                           "input only (full), or its input and matmul outputs (dots); less "
+                           "memory for more compute at high resolutions")
   parser.add_argument("--find_max_batch", action="store_true",
                       help="also search the largest batch that fits (doubling, then bisection "
                            "to within 1/8); slow: one compile per try")
@@ -568,7 +577,7 @@ def main(argv=None):
       row = _run_isolated(config, args.timeout)
     row = {**dict(model=config["model"], family=config["model"].split("-")[0],
                   size=config["model"].split("-")[1], px=config["px"], batch=config["batch"],
-                  impl=config["impl"]), **row}
+                  impl=config["impl"], remat=config["remat"]), **row}
     if "train_gflops_per_image" not in row:
       from dig_jax import flops
       overrides = {k: config[k] for k in ("depth", "hidden_size") if config.get(k)}

@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.extend.core import jaxprs_in_params
 
 from conftest import randomize_params
 from dig_jax.models import count_parameters, create_model
@@ -163,12 +164,43 @@ def test_sincos_positions_match_mae_formula():
     (dict(name="DiG-M/2"), "unknown model name 'DiG-M/2'"),
     (dict(input_size=30), "input size 30x30 must be positive and divisible by the patch size 4"),
     (dict(depth_multiplier=2), r"unknown override\(s\) \['depth_multiplier'\]"),
+    (dict(remat="some"), r"remat='some'; expected one of \('none', 'full', 'dots'\)"),
 ])
 def test_bad_model_arguments(kwargs, match):
   args = dict(name="DiG-S/4", input_size=32, in_channels=1, num_classes=10, rngs=nnx.Rngs(0))
   args.update(kwargs)
   with pytest.raises(ValueError, match=match):
     create_model(args.pop("name"), **args)
+
+
+def _count_remat(jaxpr) -> int:
+  n = 0
+  for eqn in jaxpr.eqns:
+    n += eqn.primitive.name in ("checkpoint", "remat", "remat2")
+    n += sum(_count_remat(sub) for sub in jaxprs_in_params(eqn.params))
+  return n
+
+
+@pytest.mark.parametrize("family", ["DiG", "DiT"])
+@pytest.mark.parametrize("remat", ["full", "dots"])
+def test_remat_keeps_gradients_and_wraps_every_block(family, remat):
+  """Rematerialised blocks give the gradients of the plain model (same parameters), and the
+  gradient program holds one checkpointed call per block."""
+  build = lambda r: randomize_params(create_model(
+      f"{family}-S/4", input_size=16, in_channels=2, num_classes=5, depth=3, hidden_size=64,
+      num_heads=1, remat=r, rngs=nnx.Rngs(0)))
+  x = jax.random.normal(jax.random.key(1), (2, 16, 16, 2))
+  t, y = jnp.array([3, 700]), jnp.array([1, 5])
+
+  def grads(model):
+    graphdef, params = nnx.split(model, nnx.Param)
+    loss = lambda p: jnp.sum(nnx.merge(graphdef, p)(x, t, y) ** 2)
+    return jax.grad(loss)(params), jax.make_jaxpr(jax.grad(loss))(params)
+
+  (plain, plain_jaxpr), (remat_grads, remat_jaxpr) = grads(build("none")), grads(build(remat))
+  assert _count_remat(plain_jaxpr.jaxpr) == 0 and _count_remat(remat_jaxpr.jaxpr) == 3
+  for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(remat_grads)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
 
 
 def test_wrong_input_shape_is_refused():

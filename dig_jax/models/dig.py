@@ -78,10 +78,10 @@ class DiG(ConditionalImageTransformer):
   def __init__(self, *, input_size, patch_size: int, in_channels: int, hidden_size: int,
                depth: int, num_heads: int, mlp_hidden: int, num_classes: int,
                learn_sigma: bool = True, dtype=jnp.float32, gla_backend: str = "auto",
-               gla_interpret: bool = False, rngs: nnx.Rngs):
+               gla_interpret: bool = False, remat: str = "none", rngs: nnx.Rngs):
     super().__init__(input_size=input_size, patch_size=patch_size, in_channels=in_channels,
                      hidden_size=hidden_size, num_classes=num_classes, learn_sigma=learn_sigma,
-                     dtype=dtype, rngs=rngs)
+                     dtype=dtype, remat=remat, rngs=rngs)
     self.blocks = nnx.List([
         DiGBlock(hidden_size, num_heads, mlp_hidden, layer_index=i, dtype=dtype,
                  gla_backend=gla_backend, gla_interpret=gla_interpret, rngs=rngs)
@@ -89,6 +89,4 @@ class DiG(ConditionalImageTransformer):
 
   def __call__(self, x, t, y):
     x, c = self.embed(x, t, y)
-    for block in self.blocks:
-      x = block(x, c)
-    return self.head(x, c)
+    return self.head(self.run_blocks(x, c), c)

@@ -59,10 +59,11 @@ class DiT(ConditionalImageTransformer):
 
   def __init__(self, *, input_size, patch_size: int, in_channels: int, hidden_size: int,
                depth: int, num_heads: int, num_classes: int, mlp_ratio: float = 4.0,
-               learn_sigma: bool = True, dtype=jnp.float32, attention_impl=None, rngs: nnx.Rngs):
+               learn_sigma: bool = True, dtype=jnp.float32, attention_impl=None,
+               remat: str = "none", rngs: nnx.Rngs):
     super().__init__(input_size=input_size, patch_size=patch_size, in_channels=in_channels,
                      hidden_size=hidden_size, num_classes=num_classes, learn_sigma=learn_sigma,
-                     dtype=dtype, rngs=rngs)
+                     dtype=dtype, remat=remat, rngs=rngs)
     self.blocks = nnx.List([
         DiTBlock(hidden_size, num_heads, mlp_ratio, dtype=dtype, attention_impl=attention_impl,
                  rngs=rngs) for _ in range(depth)])
@@ -70,7 +71,5 @@ class DiT(ConditionalImageTransformer):
   def __call__(self, x, t, y):
     x, c = self.embed(x, t, y)
     n, h, w, d = x.shape
-    x = x.reshape(n, h * w, d)
-    for block in self.blocks:
-      x = block(x, c)
+    x = self.run_blocks(x.reshape(n, h * w, d), c)
     return self.head(x.reshape(n, h, w, d), c)

@@ -17,8 +17,9 @@ MODEL_NAMES = tuple(f"{family}-{size}/{patch}" for family in ("DiG", "DiT")
                     for size in SIZES for patch in PATCHES)
 
 _DIG_OVERRIDES = {"depth", "hidden_size", "num_heads", "mlp_hidden", "dtype", "gla_backend",
-                  "gla_interpret"}
-_DIT_OVERRIDES = {"depth", "hidden_size", "num_heads", "mlp_ratio", "dtype", "attention_impl"}
+                  "gla_interpret", "remat"}
+_DIT_OVERRIDES = {"depth", "hidden_size", "num_heads", "mlp_ratio", "dtype", "attention_impl",
+                  "remat"}
 
 
 def swiglu_hidden(hidden: int) -> int:
@@ -39,7 +40,8 @@ def create_model(name: str, *, input_size, in_channels: int, num_classes: int,
   """Builds a named DiG or DiT. Overrides (e.g. depth=2, dtype=jnp.bfloat16) shrink or tune it.
 
   DiG accepts depth, hidden_size, num_heads, mlp_hidden, dtype, gla_backend, gla_interpret;
-  DiT accepts depth, hidden_size, num_heads, mlp_ratio, dtype, attention_impl.
+  DiT accepts depth, hidden_size, num_heads, mlp_ratio, dtype, attention_impl; both accept
+  remat ("none", "full" or "dots": what each block keeps for the backward pass).
   """
   family, size, patch = parse_model_name(name)
   allowed = _DIG_OVERRIDES if family == "DiG" else _DIT_OVERRIDES
@@ -76,6 +78,7 @@ def create_model_from_config(config, *, rngs: nnx.Rngs):
   m, d = config.model, config.data
   overrides = {key: m[key] for key in ("depth", "hidden_size", "num_heads") if m.get(key) is not None}
   overrides["dtype"] = m.dtype
+  overrides["remat"] = m.get("remat", "none")  # runs saved before the option existed
   if parse_model_name(m.name)[0] == "DiG":
     overrides["gla_backend"] = m.gla_backend
   return create_model(m.name, input_size=d.image_size, in_channels=d.channels,

@@ -12,7 +12,7 @@ from kernels_pallas.gla.api import BACKENDS
 
 DTYPES = ("float32", "bfloat16", "float16")
 # Keys that say where data is or how it is computed, not what the run is: they may change on resume.
-_UNCOMPARED_KEYS = ("path", "num_threads", "num_workers", "gla_backend")
+_UNCOMPARED_KEYS = ("path", "num_threads", "num_workers", "gla_backend", "remat")
 
 
 class ConfigError(ValueError):
@@ -77,8 +77,8 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 def check_resume_config(saved: dict, config):
   """A workdir's checkpoint must come from the same model, data and diffusion settings.
 
-  Paths, reader threads and the GLA backend are not compared: a run may move between machines,
-  what it trains must not change.
+  Paths, reader threads, the GLA backend and remat are not compared: a run may move between
+  machines, what it trains must not change.
   """
   current = config.to_dict()
   diffs = []
