@@ -48,6 +48,10 @@ def base_config() -> config_dict.ConfigDict:
   config.mesh.fsdp = 1                                     # >1 shards params and optimizer state
   config.mesh.fsdp_min_size_mb = 4.0                       # smaller arrays stay replicated
   config.distributed = False                               # jax.distributed.initialize() first
+  config.cluster = config_dict.ConfigDict()                # for it; None: detected (SLURM, TPU)
+  config.cluster.coordinator_address = config_dict.placeholder(str)   # "host:port" of process 0
+  config.cluster.num_processes = config_dict.placeholder(int)
+  config.cluster.process_id = config_dict.placeholder(int)
 
   config.train = config_dict.ConfigDict()
   config.train.global_batch_size = 256

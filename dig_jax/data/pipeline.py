@@ -34,10 +34,12 @@ def train_dataset(source: ImageSource, *, global_batch_size: int, image_size, se
                   num_threads: int = 2, num_workers: int = 0) -> grain.IterDataset:
   """Infinite iterable of this process's batches ({"image": [b, H, W, C], "label": [b]}).
 
-  Every process shuffles the same global order (reshuffled each epoch) and takes every
-  `process_count`-th element, so together the processes read each global batch once (an
-  unusable file shortens no batch: the next example of the process's slice takes its place).
-  Random transforms are seeded by the global position, so resuming replays them exactly.
+  Every process shuffles the same global order (reshuffled each epoch) and reads its own
+  contiguous block of each global batch (process i: rows i*b .. (i+1)*b - 1, b = global batch /
+  process count), so the global batch, assembled in process order, is row for row the one a
+  single process reads: a run computes the same on any number of hosts. An unusable file shortens
+  no batch: the next example of the process's share takes its place. Random transforms are
+  seeded by the global position, so resuming replays them exactly.
   """
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
@@ -46,9 +48,26 @@ def train_dataset(source: ImageSource, *, global_batch_size: int, image_size, se
                      f"of processes {process_count}")
   size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
   ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
-  ds = _apply(ds, source.transforms(size), seed)[process_index::process_count]
+  ds = _apply(ds, source.transforms(size), seed)
+  local_batch = global_batch_size // process_count
+  if process_count > 1:
+    ds = grain.MapDataset.range(len(ds) // process_count).map(
+        _ProcessShare(ds, global_batch_size, local_batch, process_index))
   ds = _to_iter(ds, num_threads, num_workers)
-  return ds.batch(global_batch_size // process_count, drop_remainder=True)
+  return ds.batch(local_batch, drop_remainder=True)
+
+
+class _ProcessShare(grain.transforms.Map):
+  """Local position j -> the element at its global position: the j % b-th row of this process's
+  block in global batch j // b."""
+
+  def __init__(self, ds, global_batch: int, local_batch: int, process_index: int):
+    self.ds, self.global_batch, self.local_batch = ds, global_batch, local_batch
+    self.offset = process_index * local_batch
+
+  def map(self, j):
+    batch, row = divmod(int(j), self.local_batch)
+    return self.ds[batch * self.global_batch + self.offset + row]
 
 
 class _ReadAt(grain.transforms.Map):
