@@ -14,7 +14,7 @@ from tqdm import tqdm
 from dig_jax.diffusion import cfg_model_fn, create_schedule, ddim_sample, ddpm_sample
 from dig_jax.train import sharding
 from dig_jax.models import create_model_from_config
-from dig_jax.train.checkpoint import Checkpointer, checkpoint_dir
+from dig_jax.train.checkpoint import Checkpointer, abstract_like, checkpoint_dir
 from dig_jax.train.state import init_state, make_optimizer
 from dig_jax.vae import load_vae
 
@@ -42,9 +42,7 @@ def load_run(workdir: str, step: int | None = None, *, ema: bool = True):
   graphdef, params = nnx.split(nnx.eval_shape(
       lambda: create_model_from_config(config, rngs=nnx.Rngs(0))), nnx.Param)
   state = jax.eval_shape(lambda p: init_state(p, make_optimizer(config.train)), params)
-  shardings = sharding.state_shardings(state, sharding.make_mesh())
-  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          state, shardings)
+  abstract = abstract_like(state, sharding.state_shardings(state, sharding.make_mesh()))
   params = ckpt.restore_params(step, abstract, ema=ema)
   ckpt.close()
   return config, nnx.merge(graphdef, params), step

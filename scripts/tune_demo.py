@@ -33,30 +33,13 @@ flags.DEFINE_integer("worker", 0, "This process runs variants[worker::num_worker
 flags.DEFINE_integer("num_workers", 1, "Processes sharing the variant list.")
 
 
-def set_path(config, dotted: str, value):
-  *parents, leaf = dotted.split(".")
-  node = config
-  for p in parents:
-    node = node[p]
-  node[leaf] = value
-
-
 def guided_ddpm(graphdef, schedule, params, y, key, cfg_scale):
   """The demo's sampler with a traced guidance scale: one compilation serves every scale."""
-  import jax.numpy as jnp
   from flax import nnx
 
-  from dig_jax.diffusion import ddpm_sample
+  from dig_jax.diffusion import cfg_model_fn, ddpm_sample
   net = nnx.merge(graphdef, params)
-  null = jnp.full_like(y, net.num_classes)
-
-  def model_fn(x, t):
-    out = net(jnp.concatenate([x, x]), jnp.concatenate([t, t]), jnp.concatenate([y, null]))
-    cond, uncond = jnp.split(out, 2)
-    c = x.shape[-1]
-    eps = uncond[..., :c] + cfg_scale * (cond[..., :c] - uncond[..., :c])
-    return jnp.concatenate([eps, cond[..., c:]], axis=-1)
-
+  model_fn = cfg_model_fn(net, y, net.num_classes, cfg_scale)
   return ddpm_sample(model_fn, schedule, (y.shape[0], *net.image_size, net.in_channels), key)
 
 
@@ -87,8 +70,7 @@ def main(argv):
   for spec in variants[f.worker::f.num_workers]:
     name, _, overrides = spec.partition(":")
     config = digits.get_config()
-    for key, value in json.loads(overrides or "{}").items():
-      set_path(config, key, value)
+    config.update_from_flattened_dict(json.loads(overrides or "{}"))
     config.train.checkpoint_every = f.eval_every
     config.train.keep_checkpoints = 100
     workdir = os.path.join(f.workdir_root, name)

@@ -494,6 +494,9 @@ def test_cfg_combination(channels):
   want = cond.copy()
   want[..., :k] = uncond[..., :k] + 4.0 * (cond[..., :k] - uncond[..., :k])
   close(got, want, rtol=1e-5, atol=1e-5)
+  traced = jax.jit(lambda s: D.cfg_model_fn(apply_fn, y, NUM_CLASSES, s,
+                                             guidance_channels=channels)(x, t))(4.0)
+  close(f64(traced), want, rtol=1e-5, atol=1e-5)  # a traced scale: one compile for all scales
   # Channels past k (eps channel 3 under DiT's rule, and the variance) are the conditional ones.
   np.testing.assert_array_equal(got[..., k:], cond[..., k:])
   assert np.abs(got[..., :k] - cond[..., :k]).max() > 1e-2

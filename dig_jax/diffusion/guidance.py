@@ -11,9 +11,10 @@ def cfg_model_fn(apply_fn, y, null_class: int, cfg_scale: float, *, guidance_cha
   halves run in one batched call. Guided are the first `guidance_channels` output channels,
   by default all C eps channels; DiT guides only the first 3 (`guidance_channels=3`). Every
   other channel (including the variance) comes from the conditional pass. `cfg_scale` is a
-  Python number; at 1.0 the unconditional pass is skipped.
+  number (a Python 1.0 skips the unconditional pass) or a traced scalar, so that one compiled
+  sampler serves every scale.
   """
-  if cfg_scale == 1.0:
+  if isinstance(cfg_scale, (int, float)) and cfg_scale == 1.0:
     return lambda x, t: apply_fn(x, t, y)
 
   y_null = jnp.full_like(y, null_class)

@@ -32,6 +32,7 @@ from dig_jax.data import create_source, ordered_batches
 from dig_jax.data.latents import (FORMAT, METADATA, encode_record, missing_shards, shard_name,
                                   write_shard)
 from dig_jax.data.transforms import DecodeCenterCrop, to_float
+from dig_jax.train import sharding
 from dig_jax.vae import load_vae
 
 STORAGE_DTYPES = ("float16", "float32")
@@ -122,8 +123,7 @@ def cache_latents(config, out: str, *, batch_size: int = 32, shard_size: int = 2
   """
   if dtype not in STORAGE_DTYPES:
     raise ValueError(f"dtype={dtype!r}; expected one of {STORAGE_DTYPES}")
-  if config.distributed:  # multi-host: must come before any other JAX call
-    jax.distributed.initialize()
+  sharding.initialize_distributed(config)  # multi-host: before any other JAX call
   if batch_size < 1 or shard_size < 1:
     raise ValueError(f"batch_size={batch_size} and shard_size={shard_size} must be >= 1")
   source = create_source(config.data.images)

@@ -25,7 +25,7 @@ def checkpoint_dir(workdir: str) -> str:
 def abstract_like(tree, shardings):
   """ShapeDtypeStructs (with their target shardings) describing `tree`, for restoring into."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      jax.eval_shape(lambda: tree), shardings)
+                      tree, shardings)
 
 
 class Checkpointer:

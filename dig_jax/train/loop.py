@@ -59,9 +59,7 @@ class NonFiniteLossError(RuntimeError):
 
 def train(config, workdir: str) -> int:
   """Trains (or resumes) the run in `workdir` up to config.train.total_steps; returns the step."""
-  if config.distributed:  # multi-host: must come before any other JAX call
-    cluster = config.get("cluster", {})
-    jax.distributed.initialize(**{k: v for k, v in dict(cluster).items() if v is not None})
+  sharding.initialize_distributed(config)  # multi-host: before any other JAX call
   check_config(config)
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0

@@ -31,6 +31,14 @@ def mesh_shape(data: int, fsdp: int, num_devices: int) -> tuple[int, int]:
   return data, fsdp
 
 
+def initialize_distributed(config) -> None:
+  """With config.distributed: jax.distributed.initialize() before any other JAX call, passing
+  the config.cluster values that are set (None: JAX detects them, e.g. from SLURM or TPU)."""
+  if config.distributed:
+    cluster = config.get("cluster", {})
+    jax.distributed.initialize(**{k: v for k, v in dict(cluster).items() if v is not None})
+
+
 def make_mesh(data: int = -1, fsdp: int = 1) -> jax.sharding.Mesh:
   """A (data, fsdp) mesh over every device of every process.
 

@@ -18,7 +18,8 @@ def learning_rate_schedule(train_config) -> optax.Schedule:
   lr, warmup = train_config.learning_rate, train_config.warmup_steps
   kind = train_config.get("lr_schedule", "constant")  # runs saved before the option existed
   if kind == "cosine":
-    return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(train_config.total_steps, warmup + 1))
+    decay_end = max(train_config.total_steps, warmup + 1)
+    return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, decay_end)
   if kind != "constant":
     raise ValueError(f"config.train.lr_schedule={kind!r}; expected one of {LR_SCHEDULES}")
   return optax.linear_schedule(0.0, lr, warmup) if warmup > 0 else optax.constant_schedule(lr)
