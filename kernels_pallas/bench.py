@@ -6,13 +6,16 @@ softmax attention (`jax.nn.dot_product_attention`, cuDNN on GPU) at the matching
 bf16 q, k, v and fp32 log-gates (DiG's: log_sigmoid(x) / 16); warm-up, then the median of
 many runs, rotating among input sets so that small shapes do not run from L2.
 `--check` first compares every backend with the token-by-token reference on this device.
-`--variants L4,L8,old=PATH` also times the GPU kernel with 4 or 8 chunks per sequence block, and
-an older kernel module (a copy of a previous pallas_gpu.py) through the same custom_vjp, side by side.
+`--variants C64D16,L4W8,old=PATH` also times the GPU kernel with other settings (chunk, diagonal
+block, chunks per sequence block, warps), and an older kernel module (a copy of a previous
+pallas_gpu.py) through the same custom_vjp, side by side.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import re
 import statistics
 import time
 
@@ -74,19 +77,28 @@ def _n_sets(nbytes):
   return 3 if nbytes < 256 * 2**20 else 1
 
 
-def _variant_fn(variant):
-  """(label, f(q, k, v, g) -> o) of one `--variants` entry."""
-  if variant.startswith("L"):  # GPU kernel, fixed chunks per sequence block
-    size = int(variant[1:])
+_SETTINGS = {"C": "CHUNK", "D": "DIAG", "L": "BLOCK_CHUNKS"}
+_WARPS_OF = {"W": "default", "F": "gla_fwd", "B": "gla_bwd"}  # warps: all, forward, backward
 
-    def f(q, k, v, g):
-      # Read when the forward is traced; the backward takes the size from the residuals.
-      pallas_gpu.BLOCK_CHUNKS = size
-      try:
-        return chunk_gla(q, k, v, g, backend="pallas_gpu")[0]
-      finally:
-        pallas_gpu.BLOCK_CHUNKS = None
-    return f"pallas_gpu L={size}", f
+
+@contextlib.contextmanager
+def _gpu_settings(settings):
+  """pallas_gpu module settings in force while a variant is traced (forward and backward)."""
+  saved = {name: getattr(pallas_gpu, name) for name in settings}
+  for name, value in settings.items():
+    setattr(pallas_gpu, name, value)
+  try:
+    yield
+  finally:
+    for name, value in saved.items():
+      setattr(pallas_gpu, name, value)
+
+
+def _variant_fn(variant):
+  """(label, f(q, k, v, g) -> o, pallas_gpu settings) of one `--variants` entry: letters
+  C (chunk), D (diagonal block of chunk_math's scheme), L (chunks per sequence block),
+  W (warps of every kernel), F / B (warps of the forward / backward output kernel), each
+  followed by a number, e.g. C64D16B8; or old=PATH."""
   if variant.startswith("old="):
     import importlib.util
     spec = importlib.util.spec_from_file_location("pallas_gpu_old", variant[4:])
@@ -98,8 +110,23 @@ def _variant_fn(variant):
       o, _ = api._run_pallas(q, k, v, g, None, q.shape[-1] ** -0.5, False, "pallas_gpu_old",
                              False)
       return o
-    return "pallas_gpu (old)", f
-  raise ValueError(f"unknown variant {variant!r}")
+    return "pallas_gpu (old)", f, {}
+  parts = re.findall(r"([A-Z])(\d+)", variant)
+  if not parts or "".join(a + b for a, b in parts) != variant or any(
+      a not in {**_SETTINGS, **_WARPS_OF} for a, _ in parts):
+    raise ValueError(f"unknown variant {variant!r}: expected letters "
+                     f"{sorted({**_SETTINGS, **_WARPS_OF})} "
+                     f"each with a number (e.g. C64D16W8), or old=PATH")
+  settings, warps = {}, {}
+  for letter, number in parts:
+    if letter in _WARPS_OF:
+      warps[_WARPS_OF[letter]] = int(number)
+    else:
+      settings[_SETTINGS[letter]] = int(number)
+  if warps:
+    settings["NUM_WARPS"] = warps
+  f = lambda q, k, v, g: chunk_gla(q, k, v, g, backend="pallas_gpu")[0]
+  return f"pallas_gpu {variant}", f, settings
 
 
 def bench_shape(name, b, t, h, kd, vd, att_heads, att_dim, backends, runs, variants=()):
@@ -107,11 +134,12 @@ def bench_shape(name, b, t, h, kd, vd, att_heads, att_dim, backends, runs, varia
   per_set = b * t * h * (3 * kd * 2 + 2 * vd * 2)
   sets = [_gla_inputs(jax.random.PRNGKey(i), b, t, h, kd, vd) for i in range(_n_sets(per_set))]
   floor = hbm_floor_ms(b, t, h, kd, vd)
-  fns = [(backend, lambda q, k, v, g, backend=backend: chunk_gla(q, k, v, g, backend=backend)[0])
-         for backend in backends] + [_variant_fn(x) for x in variants]
-  for backend, f in fns:
+  fns = [(backend, lambda q, k, v, g, backend=backend: chunk_gla(q, k, v, g, backend=backend)[0],
+          {}) for backend in backends] + [_variant_fn(x) for x in variants]
+  for backend, f, settings in fns:
     try:
-      fwd, fwd_bwd = _timed_pair(f, sets, runs)
+      with _gpu_settings(settings):
+        fwd, fwd_bwd = _timed_pair(f, sets, runs)
       rows.append(dict(backend=backend, shape=name, B=b, T=t, H=h, K=kd, V=vd, fwd_ms=fwd,
                        fwd_bwd_ms=fwd_bwd, x_hbm_floor=fwd_bwd / floor))
     except Exception as e:  # keep the table going: one failing backend is a result too
@@ -181,7 +209,9 @@ def main(argv=None):
   parser.add_argument("--check", action="store_true", help="check accuracy first")
   parser.add_argument("--json", help="write the rows to this file")
   parser.add_argument("--variants", default="",
-                      help="comma-separated: L<n> (GPU kernel, n chunks per block), old=PATH")
+                      help="comma-separated GPU kernel settings: C<chunk>, D<diag block>, "
+                           "L<chunks per block>, W<warps>, F/B<forward/backward kernel warps>, "
+                           "combined (C64D16B8); or old=PATH")
   args = parser.parse_args(argv)
 
   platform = jax.default_backend()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels_pallas.gla import chunk_gla, pallas_gpu, reference
+from kernels_pallas.gla import chunk_gla, chunk_math, pallas_gpu, reference
 
 KERNELS = ("pallas_gpu", "pallas_tpu")
 TOLERANCE = {jnp.float32: 1e-4, jnp.bfloat16: 5e-3}
@@ -23,7 +23,8 @@ def _inputs(seed, b, t, h, kd, vd, dtype, strong):
   ks = jax.random.split(jax.random.PRNGKey(seed), 7)
   q, k = (jax.random.normal(ks[i], (b, t, h, kd), dtype) for i in range(2))
   v = jax.random.normal(ks[2], (b, t, h, vd), dtype)
-  # Gate normaliser 16 is DiG's; 0.1 gives per-step log-decay down to about -7 (stress case).
+  # Gate normaliser 16 is DiG's; 0.1 gives per-step log-decays down to about -40, half of them
+  # below -7 (stress case).
   g = jax.nn.log_sigmoid(jax.random.normal(ks[3], (b, t, h, kd))) / (0.1 if strong else 16.0)
   h0 = jax.random.normal(ks[4], (b, h, kd, vd))
   do = jax.random.normal(ks[5], (b, t, h, vd), dtype)
@@ -72,15 +73,32 @@ def test_gpu_kernel_sequence_blocks(monkeypatch, case, block_chunks):
   _check_case("pallas_gpu", case)
 
 
+# The GPU kernel's default scheme (chunk_math diag=16) keeps gates >= -10 per step; the exact
+# scheme (diag=1) is still a setting: check it on the strong-gate cases with no floor.
+@pytest.mark.parametrize("case", [c for c in CASES if "strong" in c])
+def test_gpu_kernel_exact_scheme(monkeypatch, case):
+  monkeypatch.setattr(pallas_gpu, "DIAG", 1)
+  _check_case("pallas_gpu", case)
+
+
+def _gate_floor(backend):
+  return chunk_math.gate_floor(pallas_gpu.DIAG) if backend == "pallas_gpu" else None
+
+
 def _check_case(backend, case):
   b, t, h, kd, vd, dtype, reverse, with_h0, strong = CASES[case]
   primals, cotangents = _inputs(list(CASES).index(case), b, t, h, kd, vd, dtype, strong)
+  floor = _gate_floor(backend)
+  if strong and floor is not None:  # the stress gates reach -40: the floor is exercised
+    assert float(jnp.min(primals[3])) < floor
 
   def kernel(*args, **kw):
     return chunk_gla(*args, reverse=reverse, backend=backend, interpret=True, **kw)
 
   def truth(q, k, v, g, **kw):  # fp32 ground truth on the same (rounded) inputs
     up = lambda x: x.astype(jnp.float32)
+    if floor is not None:  # the kernel's contract: gates below the floor act as the floor,
+      g = g + jax.lax.stop_gradient(jnp.maximum(g, floor) - g)  # dg taken at the floor
     return reference.recurrent_gla(up(q), up(k), up(v), g, reverse=reverse, **kw)
 
   got = _outputs_and_grads(kernel, primals, cotangents, with_h0)

@@ -6,8 +6,16 @@ A[i, j] = sum_c q_ic k_jc exp(G_ic - G_jc) (j at or before i in scan order) are 
 recursive halving: for a block of 2h rows, queries in its second half see keys in its first
 half through one matmul anchored at the boundary between the halves, so the query factor
 exp(G_i - G_mid) and the key factor exp(G_mid - G_j) are both <= 1 whatever the gates.
-Both exponents are sums of g over a segment of h rows, so no gather of G is needed:
-for h = C/2, C/4, ..., 1 one [C, C] masked matmul each, and the diagonal is q_i . k_i.
+Both exponents are sums of g over a segment of h rows, so no gather of G is needed, and one
+exponential per element serves both sides (queries use the second half, keys the first).
+The halving stops at blocks of `diag` rows:
+- diag = 1: down to single rows; the diagonal is q_i . k_i. Exact for any gates, but
+  log2(C) masked [C, C] matmuls (three each in the backward).
+- diag = d > 1: each d-row diagonal block is one matmul anchored at its middle row: one side's
+  factor is then >= 1, up to exp(d/2 * |g|), which is finite in float32 while every per-step
+  log-decay is above -160 / d (-10 for d = 16); `gate_floor(d)` is that bound and the GPU entry
+  point clamps g to it (a decay of e^-10 per step already wipes the state: the clamp moves
+  outputs by less than 1e-4 of the decayed terms). Fewer matmuls and exponentials per chunk.
 
 Matmul precision: scores and outputs take q, k, v, do (scaled by gate factors) in the input
 dtype; matmuls that make or use the state, its gradient or the score gradient stay float32
@@ -67,17 +75,28 @@ def _tn(a, b, dt, sums=False):  # a.T @ b
   return _dot(a, b, ((0,), (0,)), dt, sums)
 
 
-def _levels(c):
+def _levels(c, diag):
   h = c // 2
-  while h >= 1:
+  while h >= diag and h >= 1:
     yield h
     h //= 2
+
+
+def gate_floor(diag):
+  """Smallest per-step log-decay the `diag` scheme keeps finite (None: no limit)."""
+  return None if diag == 1 else -160.0 / diag
 
 
 def _iotas(c):
   """Row index [C, 1] and column index [1, C]: masks broadcast, no [C, C] int tensors live."""
   return (jax.lax.broadcasted_iota(jnp.int32, (c, 1), 0),
           jax.lax.broadcasted_iota(jnp.int32, (1, c), 1))
+
+
+def _second_half(i, h, reverse):
+  """Rows in the second half (scan order) of their 2h-row block."""
+  bit = (i >> (h.bit_length() - 1)) & 1
+  return bit == (0 if reverse else 1)
 
 
 def _level_mask(i, j, h, reverse):
@@ -89,10 +108,35 @@ def _level_mask(i, j, h, reverse):
   return ((bi & 1) == 1) & (bj == bi - 1)
 
 
-def _level_factors(g, h, reverse, ops):
-  """exp(G_i - G_mid) for query rows and exp(G_mid - G_j) for key rows, both <= 1."""
+def _diag_mask(i, j, d, reverse):
+  """Pairs in the same d-row block, key at or before query in scan order."""
+  shift = d.bit_length() - 1
+  return ((i >> shift) == (j >> shift)) & ((j >= i) if reverse else (j <= i))
+
+
+def _offsets_from_mid(g, h, reverse, ops, i):
+  """G_r - G_mid for every row r, mid = last row (scan order) of the first half of r's
+  2h-row block: <= 0 in the second half, >= 0 in the first."""
   cum = ops.cumsum(g, h, reverse)
-  return jnp.exp(cum), jnp.exp(ops.segsum(g, h) - cum)
+  return jnp.where(_second_half(i, h, reverse), cum, cum - ops.segsum(g, h))
+
+
+def _score_terms(g, reverse, diag, ops):
+  """[(query factor [C, K], key factor [C, K], mask [C, C])]: A = sum of the masked
+  (q * fq) @ (k * fk).T over the terms (plus q_i . k_i on the diagonal when diag == 1)."""
+  c = g.shape[0]
+  i, j = _iotas(c)
+  terms = []
+  for h in _levels(c, diag):
+    # Query rows use exp(G_i - G_mid) (second half), key rows exp(G_mid - G_j) (first half):
+    # both <= 1, and one array holds both since the mask never pairs the other halves.
+    off = _offsets_from_mid(g, h, reverse, ops, i)
+    f = jnp.exp(jnp.where(_second_half(i, h, reverse), off, -off))
+    terms.append((f, f, _level_mask(i, j, h, reverse)))
+  if diag > 1:
+    e = jnp.exp(_offsets_from_mid(g, diag // 2, reverse, ops, i))
+    terms.append((e, 1.0 / e, _diag_mask(i, j, diag, reverse)))
+  return terms
 
 
 def _chunk_decays(g, reverse, ops):
@@ -103,7 +147,7 @@ def _chunk_decays(g, reverse, ops):
   return jnp.exp(cum), jnp.exp(total - cum), jnp.exp(total_col)
 
 
-def forward(q, k, v, g, state, *, scale, reverse, ops):
+def forward(q, k, v, g, state, *, scale, reverse, ops, diag=1):
   """One chunk. q, k [C, K], v [C, V] (input dtype), g [C, K] and state [K, V] float32.
 
   Returns (o [C, V] float32, state after the chunk).
@@ -113,16 +157,15 @@ def forward(q, k, v, g, state, *, scale, reverse, ops):
   qf, kf = q.astype(f32), k.astype(f32)
   eq, ek, decay = _chunk_decays(g, reverse, ops)
   i, j = _iotas(c)
-  a = jnp.where(i == j, jnp.sum(qf * kf, axis=1, keepdims=True), 0.0)
-  for h in _levels(c):
-    fq, fk = _level_factors(g, h, reverse, ops)
-    a += jnp.where(_level_mask(i, j, h, reverse), _nt(qf * fq, kf * fk, dt), 0.0)
+  a = jnp.where(i == j, jnp.sum(qf * kf, axis=1, keepdims=True), 0.0) if diag == 1 else 0.0
+  for fq, fk, mask in _score_terms(g, reverse, diag, ops):
+    a += jnp.where(mask, _nt(qf * fq, kf * fk, dt), 0.0)
   o = scale * (_nn(qf * eq, state, dt, sums=True) + _nn(a, v, dt))
   state = decay * state + _tn(kf * ek, v, dt, sums=True)
   return o, state
 
 
-def backward(q, k, v, g, do, state, dstate, dg_carry, *, scale, reverse, ops):
+def backward(q, k, v, g, do, state, dstate, dg_carry, *, scale, reverse, ops, diag=1):
   """Gradients of one chunk, visited in reverse scan order.
 
   state: state entering the chunk; dstate: gradient of the state leaving it; dg_carry [1, K]:
@@ -131,26 +174,29 @@ def backward(q, k, v, g, do, state, dstate, dg_carry, *, scale, reverse, ops):
   """
   dt = _Precision.of(q.dtype, ops)
   c = q.shape[0]
-  qf, kf, vf = q.astype(f32), k.astype(f32), v.astype(f32)
+  qf, kf = q.astype(f32), k.astype(f32)
   dof = scale * do.astype(f32)
   eq, ek, decay = _chunk_decays(g, reverse, ops)
   i, j = _iotas(c)
-  causal = (j <= i) if not reverse else (j >= i)
-  da = jnp.where(causal, _nt(dof, vf, dt), 0.0)
-  da_diag = jnp.sum(jnp.where(i == j, da, 0.0), axis=1, keepdims=True)
-
-  dq = eq * _nt(dof, state, dt, sums=True) + da_diag * kf
-  dk = ek * _nt(vf, dstate, dt, sums=True) + da_diag * qf
-  a = jnp.where(i == j, jnp.sum(qf * kf, axis=1, keepdims=True), 0.0)
-  for h in _levels(c):
-    fq, fk = _level_factors(g, h, reverse, ops)
-    qh, kh = qf * fq, kf * fk
-    mask = _level_mask(i, j, h, reverse)
-    a += jnp.where(mask, _nt(qh, kh, dt), 0.0)
-    da_h = jnp.where(mask, da, 0.0)
-    dq += fq * _nn(da_h, kh, dt, sums=True)
-    dk += fk * _tn(da_h, qh, dt, sums=True)
+  # Ordered so that few [C, C] and [C, D] values are live at once (register pressure on GPUs):
+  # the output-side terms first (v dies), then the scores and dv (A dies), then dq and dk.
+  vf = v.astype(f32)
+  da = jnp.where((j >= i) if reverse else (j <= i), _nt(dof, vf, dt), 0.0)
+  dk = ek * _nt(vf, dstate, dt, sums=True)
+  terms = _score_terms(g, reverse, diag, ops)
+  a = jnp.where(i == j, jnp.sum(qf * kf, axis=1, keepdims=True), 0.0) if diag == 1 else 0.0
+  for fq, fk, mask in terms:
+    a += jnp.where(mask, _nt(qf * fq, kf * fk, dt), 0.0)
   dv = _tn(a, dof, dt) + _nn(kf * ek, dstate, dt, sums=True)
+  dq = eq * _nt(dof, state, dt, sums=True)
+  if diag == 1:  # the diagonal q_i . k_i, outside the matmul terms
+    da_diag = jnp.sum(jnp.where(i == j, da, 0.0), axis=1, keepdims=True)
+    dq += da_diag * kf
+    dk += da_diag * qf
+  for fq, fk, mask in terms:
+    da_h = jnp.where(mask, da, 0.0)
+    dq += fq * _nn(da_h, kf * fk, dt, sums=True)
+    dk += fk * _tn(da_h, qf * fq, dt, sums=True)
 
   x = qf * dq - kf * dk  # dL/dG per token; dg is its suffix sum in scan order
   dg = ops.cumsum(x, c, not reverse) + dg_carry

@@ -30,6 +30,13 @@ the gradient reaching it from later tokens; for the last block that is sum_V(ht 
 With one block (short sequences, or `block_chunks >= T / C`) steps 1-2 are skipped and this is
 the single-pass design of the first version.
 
+In-chunk scheme: chunk_math with diag = 16 (DIAG): per chunk of 32 rows one anchored matmul
+for the two 16-row halves and one for the two 16-row diagonal blocks, 3 exponentials per
+element; measured 10-25 % faster fwd+bwd than the exact diag = 1 scheme (5 levels) on an H100
+(BENCHMARKS.md). Its price is a floor on the gates: per-step log-decays below -10 are raised to
+-10 when g is loaded (values and gradients are then those of the floored gates; a decay of
+e^-10 per token already erases the state). DIAG = 1 keeps the exact scheme for any gates.
+
 Layout: the kernels read q, k, v, g and write o in the caller's [B, T, H, D] layout (no
 transposes). `reverse=True` only changes which chunk index a step reads and the direction of
 the in-chunk masks; blocks and per-block arrays are numbered in scan order.
@@ -46,7 +53,8 @@ from jax.experimental.pallas import triton as pltriton
 from kernels_pallas.gla import chunk_math
 
 CHUNK = 32  # measured on H100: 32 beats 64 (BENCHMARKS.md)
-NUM_WARPS = 4  # warps per program, an int or {kernel name: warps}
+DIAG = 16  # chunk_math scheme: mid-anchored diagonal blocks of 16 rows (BENCHMARKS.md)
+NUM_WARPS = 4  # warps per program: an int, or {kernel name or "default": warps}
 # Chunks per sequence block; None: `block_chunks_for` below. Tests set it to force many blocks.
 BLOCK_CHUNKS = None
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -77,19 +85,18 @@ OPS = chunk_math.Ops(cumsum=_cumsum, segsum=_segsum,
                      sum_precision=jax.lax.Precision.DEFAULT)  # TF32 in Triton
 
 
-def block_chunks_for(batch_heads, n_chunks):
-  """Chunks per sequence block (a power of two). 8 chunks (256 tokens) by measurement on an
-  H100 (BENCHMARKS.md); longer blocks when there would be more than 128 blocks, so that the
+def block_chunks_for(n_chunks, chunk=CHUNK):
+  """Chunks per sequence block (a power of two). 256 tokens by measurement on an H100
+  (BENCHMARKS.md); longer blocks when there would be more than 128 blocks, so that the
   XLA pass over blocks (quadratic in their number) stays small."""
-  del batch_heads
-  size = 8
+  size = max(1, 256 // chunk)
   while -(-n_chunks // size) > 128:
     size *= 2
   return size
 
 
-def _blocks(n_chunks, block_chunks):
-  size = block_chunks or BLOCK_CHUNKS or block_chunks_for(0, n_chunks)
+def _blocks(n_chunks, block_chunks, chunk):
+  size = block_chunks or BLOCK_CHUNKS or block_chunks_for(n_chunks, chunk)
   size = max(1, min(size, n_chunks))
   return size, -(-n_chunks // size)
 
@@ -97,15 +104,22 @@ def _blocks(n_chunks, block_chunks):
 class _Walk:
   """Chunks of one sequence block: scan positions n0 .. n0 + count - 1."""
 
-  def __init__(self, blk, n_chunks, size, chunk, reverse):
+  def __init__(self, blk, n_chunks, size, chunk, reverse, diag=1):
     self.n0 = blk * size
     self.count = jnp.minimum(size, n_chunks - self.n0)
     self.n_chunks, self.chunk, self.reverse = n_chunks, chunk, reverse
+    self.floor = chunk_math.gate_floor(diag)
 
   def rows(self, n):
     """Memory chunk index and rows of scan position n."""
     idx = self.n_chunks - 1 - n if self.reverse else n
     return idx, pl.ds(pl.multiple_of(idx * self.chunk, self.chunk), self.chunk)
+
+  def gates(self, g_ref, rows):
+    """Log-gates of the rows, raised to the scheme's floor (chunk_math.gate_floor): done on
+    load, so no extra pass over g, and every kernel of a call sees the same gates."""
+    g = g_ref[rows, :]
+    return g if self.floor is None else jnp.maximum(g, self.floor)
 
   def forward(self, body, init):  # body(scan position, carry) -> carry
     return jax.lax.fori_loop(0, self.count, lambda i, c: body(self.n0 + i, c), init)
@@ -116,13 +130,13 @@ class _Walk:
 
 
 def _fwd_states_kernel(k_ref, v_ref, g_ref, u_ref, lam_ref, *, chunk, n_chunks, size,
-                       reverse):
-  walk = _Walk(pl.program_id(2), n_chunks, size, chunk, reverse)
+                       reverse, diag):
+  walk = _Walk(pl.program_id(2), n_chunks, size, chunk, reverse, diag)
 
   def step(n, carry):
     state, lam = carry
     _, rows = walk.rows(n)
-    g = g_ref[rows, :]
+    g = walk.gates(g_ref, rows)
     state = chunk_math.state_update(k_ref[rows, :], v_ref[rows, :], g, state,
                                     reverse=reverse, ops=OPS)
     return state, lam + jnp.sum(g, axis=0, keepdims=True)
@@ -135,26 +149,28 @@ def _fwd_states_kernel(k_ref, v_ref, g_ref, u_ref, lam_ref, *, chunk, n_chunks, 
 
 
 def _fwd_kernel(q_ref, k_ref, v_ref, g_ref, s_in_ref, o_ref, s_out_ref, states_ref, *, chunk,
-                n_chunks, size, nv, scale, reverse):
-  walk = _Walk(pl.program_id(2) // nv, n_chunks, size, chunk, reverse)
+                n_chunks, size, nv, scale, reverse, diag):
+  walk = _Walk(pl.program_id(2) // nv, n_chunks, size, chunk, reverse, diag)
 
   def step(n, state):
     idx, rows = walk.rows(n)
     states_ref[idx] = state
     o, state = chunk_math.forward(q_ref[rows, :], k_ref[rows, :], v_ref[rows, :],
-                                  g_ref[rows, :], state, scale=scale, reverse=reverse, ops=OPS)
+                                  walk.gates(g_ref, rows), state, scale=scale, reverse=reverse, ops=OPS,
+                                  diag=diag)
     o_ref[rows, :] = o.astype(o_ref.dtype)
     return state
 
   s_out_ref[...] = walk.forward(step, s_in_ref[...])
 
 
-def _bwd_states_kernel(q_ref, g_ref, do_ref, w_ref, *, chunk, n_chunks, size, scale, reverse):
-  walk = _Walk(pl.program_id(2), n_chunks, size, chunk, reverse)
+def _bwd_states_kernel(q_ref, g_ref, do_ref, w_ref, *, chunk, n_chunks, size, scale, reverse,
+                       diag):
+  walk = _Walk(pl.program_id(2), n_chunks, size, chunk, reverse, diag)
 
   def step(n, dstate):
     _, rows = walk.rows(n)
-    return chunk_math.dstate_update(q_ref[rows, :], g_ref[rows, :], do_ref[rows, :], dstate,
+    return chunk_math.dstate_update(q_ref[rows, :], walk.gates(g_ref, rows), do_ref[rows, :], dstate,
                                     scale=scale, reverse=reverse, ops=OPS)
 
   w_ref[...] = walk.backward(step, jnp.zeros(w_ref.shape, jnp.float32))
@@ -162,15 +178,16 @@ def _bwd_states_kernel(q_ref, g_ref, do_ref, w_ref, *, chunk, n_chunks, size, sc
 
 def _bwd_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, states_ref, ds_ref, dgc_ref,
                 dq_ref, dk_ref, dv_ref, dg_ref, ds_in_ref, *, chunk, n_chunks, size, scale,
-                reverse):
-  walk = _Walk(pl.program_id(2), n_chunks, size, chunk, reverse)
+                reverse, diag):
+  walk = _Walk(pl.program_id(2), n_chunks, size, chunk, reverse, diag)
 
   def step(n, carry):
     dstate, dg_carry = carry
     idx, rows = walk.rows(n)
     dq, dk, dv, dg, dstate, dg_carry = chunk_math.backward(
-        q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], g_ref[rows, :], do_ref[rows, :],
-        states_ref[idx], dstate, dg_carry, scale=scale, reverse=reverse, ops=OPS)
+        q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], walk.gates(g_ref, rows),
+        do_ref[rows, :],
+        states_ref[idx], dstate, dg_carry, scale=scale, reverse=reverse, ops=OPS, diag=diag)
     dq_ref[rows, :] = dq.astype(dq_ref.dtype)
     dk_ref[rows, :] = dk.astype(dk_ref.dtype)
     dv_ref[rows, :] = dv.astype(dv_ref.dtype)
@@ -190,7 +207,8 @@ def _block_spec(d1, d2, nv=1):  # per-block [B, H, NB, d1, d2] arrays, one block
 
 
 def _compiler_params(name):
-  warps = NUM_WARPS.get(name, 4) if isinstance(NUM_WARPS, dict) else NUM_WARPS
+  warps = (NUM_WARPS.get(name, NUM_WARPS.get("default", 4)) if isinstance(NUM_WARPS, dict)
+           else NUM_WARPS)
   return pltriton.CompilerParams(num_warps=warps, num_stages=1)
 
 
@@ -234,7 +252,7 @@ def _dstates_leaving(w_local, lam, dht):
           + jnp.exp(q[:, :, -1:] - q)[..., None] * dht[:, :, None])
 
 
-def _fwd_block_states(k, v, g, *, chunk, n_chunks, size, reverse, interpret):
+def _fwd_block_states(k, v, g, *, chunk, n_chunks, size, reverse, diag, interpret):
   """Each block's own state contribution [B, H, NB, K, V] and log-decay [B, H, NB, 1, K]."""
   b, t, h, kd = k.shape
   vd = v.shape[-1]
@@ -242,14 +260,14 @@ def _fwd_block_states(k, v, g, *, chunk, n_chunks, size, reverse, interpret):
   f32 = jnp.float32
   return _call(
       functools.partial(_fwd_states_kernel, chunk=chunk, n_chunks=n_chunks, size=size,
-                        reverse=reverse), (b, h, nb),
+                        reverse=reverse, diag=diag), (b, h, nb),
       [_seq_spec(t, kd), _seq_spec(t, vd), _seq_spec(t, kd)],
       [_block_spec(kd, vd), _block_spec(1, kd)],
       [jax.ShapeDtypeStruct((b, h, nb, kd, vd), f32),
        jax.ShapeDtypeStruct((b, h, nb, 1, kd), f32)], "gla_fwd_states", interpret)(k, v, g)
 
 
-def _bwd_block_states(q, g, do, *, chunk, n_chunks, size, scale, reverse, interpret):
+def _bwd_block_states(q, g, do, *, chunk, n_chunks, size, scale, reverse, diag, interpret):
   """Each block's queries' contribution to the gradient of the state entering it."""
   b, t, h, kd = q.shape
   vd = do.shape[-1]
@@ -257,28 +275,35 @@ def _bwd_block_states(q, g, do, *, chunk, n_chunks, size, scale, reverse, interp
   qk = _seq_spec(t, kd)
   return _call(
       functools.partial(_bwd_states_kernel, chunk=chunk, n_chunks=n_chunks, size=size,
-                        scale=scale, reverse=reverse), (b, h, nb), [qk, qk, _seq_spec(t, vd)],
+                        scale=scale, reverse=reverse, diag=diag), (b, h, nb),
+      [qk, qk, _seq_spec(t, vd)],
       _block_spec(kd, vd), jax.ShapeDtypeStruct((b, h, nb, kd, vd), jnp.float32),
       "gla_bwd_states", interpret)(q, g, do)
 
 
-def forward(q, k, v, g, h0, *, scale, reverse, chunk=CHUNK, block_chunks=None, interpret=False):
-  """q, k, g [B, T, H, K]; v [B, T, H, V]; h0 [B, H, K, V] f32; T a multiple of `chunk`.
+def forward(q, k, v, g, h0, *, scale, reverse, chunk=None, diag=None, block_chunks=None,
+            interpret=False):
+  """q, k, g [B, T, H, K]; v [B, T, H, V]; h0 [B, H, K, V] f32; T a multiple of `chunk`
+  (default CHUNK); `diag`: chunk_math's scheme (default DIAG).
 
   Returns (o, final state, residuals for `backward`).
   """
-  size, _ = _blocks(q.shape[1] // chunk, block_chunks)
+  chunk, diag = chunk or CHUNK, diag or DIAG
+  size, _ = _blocks(q.shape[1] // chunk, block_chunks, chunk)
   return _forward(q, k, v, g, h0, scale=scale, reverse=reverse, chunk=chunk, size=size,
-                  interpret=interpret)
+                  diag=diag, interpret=interpret)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "reverse", "chunk", "size", "interpret"))
-def _forward(q, k, v, g, h0, *, scale, reverse, chunk, size, interpret):
+_STATIC = ("scale", "reverse", "chunk", "size", "diag", "interpret")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _forward(q, k, v, g, h0, *, scale, reverse, chunk, size, diag, interpret):
   b, t, h, kd = q.shape
   vd = v.shape[-1]
   n_chunks = t // chunk
   nb = -(-n_chunks // size)
-  common = dict(chunk=chunk, n_chunks=n_chunks, size=size, reverse=reverse)
+  common = dict(chunk=chunk, n_chunks=n_chunks, size=size, reverse=reverse, diag=diag)
   f32 = jnp.float32
   if nb == 1:
     s_in, lam = h0[:, :, None], jnp.zeros((b, h, 1, 1, kd), f32)
@@ -295,29 +320,31 @@ def _forward(q, k, v, g, h0, *, scale, reverse, chunk, size, interpret):
       [jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct((b, h, nb, kd, vd), f32),
        jax.ShapeDtypeStruct((b, h, n_chunks, kd, vd), f32)], "gla_fwd", interpret,
   )(q, k, v, g, s_in)
-  # The block size travels in the residuals' shapes (an empty [size, 0] array), so the backward
-  # uses the forward's blocks whatever BLOCK_CHUNKS is when it is traced.
-  return o, s_out[:, :, -1], (states, s_out, lam, jnp.zeros((size, 0), jnp.int8))
+  # The block size, chunk and scheme travel in the residuals' shapes (an empty
+  # [size, chunk, diag, 0] array), so the backward matches the forward whatever the module
+  # settings are when it is traced.
+  return o, s_out[:, :, -1], (states, s_out, lam, jnp.zeros((size, chunk, diag, 0), jnp.int8))
 
 
-def backward(q, k, v, g, do, residuals, dht, dg0, *, scale, reverse, chunk=CHUNK,
-             interpret=False):
+def backward(q, k, v, g, do, residuals, dht, dg0, *, scale, reverse, interpret=False):
   """Returns (dq, dk, dv, dg, dh0). dg0 = sum_V(ht * dht) is recomputed per block from the
   residuals (it is the last block's carry) and not used."""
   del dg0
-  *residuals, size_marker = residuals
+  *residuals, marker = residuals
+  size, chunk, diag, _ = marker.shape
   return _backward(q, k, v, g, do, tuple(residuals), dht, scale=scale, reverse=reverse,
-                   chunk=chunk, size=size_marker.shape[0], interpret=interpret)
+                   chunk=chunk, size=size, diag=diag, interpret=interpret)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "reverse", "chunk", "size", "interpret"))
-def _backward(q, k, v, g, do, residuals, dht, *, scale, reverse, chunk, size, interpret):
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _backward(q, k, v, g, do, residuals, dht, *, scale, reverse, chunk, size, diag, interpret):
   states, s_out, lam = residuals
   b, t, h, kd = q.shape
   vd = v.shape[-1]
   n_chunks = t // chunk
   nb = -(-n_chunks // size)
-  common = dict(chunk=chunk, n_chunks=n_chunks, size=size, scale=scale, reverse=reverse)
+  common = dict(chunk=chunk, n_chunks=n_chunks, size=size, scale=scale, reverse=reverse,
+                diag=diag)
   f32 = jnp.float32
   qk, vs = _seq_spec(t, kd), _seq_spec(t, vd)
   if nb == 1:
