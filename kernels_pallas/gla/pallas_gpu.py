@@ -32,7 +32,7 @@ the single-pass design of the first version.
 
 In-chunk scheme: chunk_math with diag = 16 (DIAG): per chunk of 32 rows one anchored matmul
 for the two 16-row halves and one for the two 16-row diagonal blocks, 3 exponentials per
-element; measured 10-25 % faster fwd+bwd than the exact diag = 1 scheme (5 levels) on an H100
+element; measured 6-13 % faster fwd+bwd than the exact diag = 1 scheme (5 levels) on an H100
 (BENCHMARKS.md). Its price is a floor on the gates: per-step log-decays below -10 are raised to
 -10 when g is loaded (values and gradients are then those of the floored gates; a decay of
 e^-10 per token already erases the state). DIAG = 1 keeps the exact scheme for any gates.
