@@ -208,3 +208,27 @@ def test_wrong_input_shape_is_refused():
                        hidden_size=64, num_heads=1, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match=r"built for inputs \[N, 8, 8, 1\].*got \(2, 1, 8, 8\)"):
     model(jnp.ones((2, 1, 8, 8)), jnp.array([1, 2]), jnp.array([0, 1]))
+
+
+def test_gla_layer_matches_explicit_computation(rng):
+  """The GLA token mixer against numpy projections, the token-by-token GLA recurrence,
+  per-head RMSNorm and the swish output gate, written out from the parameters."""
+  from kernels_pallas.gla import reference
+  model = create_model("DiG-S/2", input_size=8, in_channels=4, num_classes=10, depth=1,
+                       hidden_size=64, num_heads=2, rngs=nnx.Rngs(0))
+  attn = randomize_params(model).blocks[0].attn
+  w = lambda layer: np.asarray(layer.kernel[...], np.float64)
+  x = rng.normal(size=(2, 7, 64))
+  q, k, v = (x @ w(attn.q_proj), x @ w(attn.k_proj), x @ w(attn.v_proj))
+  low = x @ w(attn.gk_down)
+  gk = low @ w(attn.gk_up) + np.asarray(attn.gk_up.bias[...], np.float64)
+  gk = -np.logaddexp(0, -gk) / 16  # log(sigmoid) / 16
+  heads = lambda a: jnp.asarray(a.reshape(2, 7, 2, -1), jnp.float32)
+  o, _ = reference.recurrent_gla(heads(q), heads(k), heads(v), heads(gk))
+  o = np.asarray(o, np.float64)
+  o = o / np.sqrt(np.mean(o ** 2, axis=-1, keepdims=True) + 1e-6)
+  o = (o * np.asarray(attn.o_norm_scale[...])).reshape(2, 7, 64)
+  gate = x @ w(attn.g_proj)
+  want = (o * gate / (1 + np.exp(-gate))) @ w(attn.o_proj)
+  got = attn(jnp.asarray(x, jnp.float32))
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)

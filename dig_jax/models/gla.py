@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from kernels_pallas.gla import chunk_gla
@@ -43,15 +44,25 @@ class GatedLinearAttention(nnx.Module):
     """x: [N, T, D] tokens in this layer's scan order; `reverse` scans from the last token."""
     n, t, _ = x.shape
     heads = self.num_heads
-    q = self.q_proj(x).reshape(n, t, heads, -1)
-    k = self.k_proj(x).reshape(n, t, heads, -1)
-    v = self.v_proj(x).reshape(n, t, heads, -1)
+    q, k, v, out_gate, gk_low = self._input_projections(x)
+    q, k, v = (y.reshape(n, t, heads, -1) for y in (q, k, v))
     # Forget gate in log space, fp32: log(sigmoid(.) ** (1/16)), always <= 0.
-    gk = jax.nn.log_sigmoid(self.gk_up(self.gk_down(x)).astype(jnp.float32))
+    gk = jax.nn.log_sigmoid(self.gk_up(gk_low).astype(jnp.float32))
     gk = (gk / self.gate_logit_normalizer).reshape(n, t, heads, -1)
     o, _ = chunk_gla(q, k, v, gk, reverse=reverse, backend=self.backend,
                      interpret=self.interpret)
     o32 = o.astype(jnp.float32)
     o32 = o32 * jax.lax.rsqrt(jnp.mean(jnp.square(o32), axis=-1, keepdims=True) + 1e-6)
     o = (o32 * self.o_norm_scale[...]).astype(x.dtype).reshape(n, t, self.value_dim)
-    return self.o_proj(o * nnx.silu(self.g_proj(x)))
+    return self.o_proj(o * nnx.silu(out_gate))
+
+  def _input_projections(self, x):
+    """q, k, v, the output gate and the low-rank forget-gate input: the five bias-free linears
+    of x as one matmul (x is read once; the backward has one dx matmul, not five and a sum).
+    The parameters stay five separate kernels, as in the reference."""
+    layers = (self.q_proj, self.k_proj, self.v_proj, self.g_proj, self.gk_down)
+    dtype = self.q_proj.dtype or x.dtype
+    kernel = jnp.concatenate([layer.kernel[...] for layer in layers], axis=1).astype(dtype)
+    y = jnp.dot(x.astype(dtype), kernel, precision=self.q_proj.precision)
+    ends = np.cumsum([layer.out_features for layer in layers])[:-1]
+    return jnp.split(y, ends, axis=-1)
