@@ -187,3 +187,21 @@ def test_bench_imports_no_data_pipeline():
           "sys.exit(1 if bad else 0)")
   res = run_cli("-c", code, timeout=120)
   assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_kernel_bench_variants_set_and_restore_gpu_settings():
+  """`kernels_pallas.bench --variants`: letters map to pallas_gpu settings, in force only while
+  the variant is traced; bad names are refused with the letters it knows."""
+  from kernels_pallas import bench as kbench
+  from kernels_pallas.gla import pallas_gpu
+  label, _, settings = kbench._variant_fn("C64D8L2B8")
+  assert label == "pallas_gpu C64D8L2B8"
+  assert settings == {"CHUNK": 64, "DIAG": 8, "BLOCK_CHUNKS": 2, "NUM_WARPS": {"gla_bwd": 8}}
+  before = (pallas_gpu.CHUNK, pallas_gpu.DIAG, pallas_gpu.NUM_WARPS)
+  with kbench._gpu_settings(settings):
+    assert (pallas_gpu.CHUNK, pallas_gpu.DIAG, pallas_gpu.BLOCK_CHUNKS) == (64, 8, 2)
+  assert (pallas_gpu.CHUNK, pallas_gpu.DIAG, pallas_gpu.NUM_WARPS) == before
+  assert pallas_gpu.BLOCK_CHUNKS is None
+  for bad in ("X3", "C", "C32x"):
+    with pytest.raises(ValueError, match="expected letters"):
+      kbench._variant_fn(bad)
