@@ -77,7 +77,7 @@ def _n_sets(nbytes):
   return 3 if nbytes < 256 * 2**20 else 1
 
 
-_SETTINGS = {"C": "CHUNK", "D": "DIAG", "L": "BLOCK_CHUNKS"}
+_SETTINGS = {"C": "CHUNK", "D": "DIAG", "L": "BLOCK_CHUNKS", "S": "RECOMPUTE_STATES"}
 _WARPS_OF = {"W": "default", "F": "gla_fwd", "B": "gla_bwd"}  # warps: all, forward, backward
 
 
@@ -97,6 +97,7 @@ def _gpu_settings(settings):
 def _variant_fn(variant):
   """(label, f(q, k, v, g) -> o, pallas_gpu settings) of one `--variants` entry: letters
   C (chunk), D (diagonal block of chunk_math's scheme), L (chunks per sequence block),
+  S (1: the backward recomputes the per-chunk states, 0: the forward stores them),
   W (warps of every kernel), F / B (warps of the forward / backward output kernel), each
   followed by a number, e.g. C64D16B8; or old=PATH."""
   if variant.startswith("old="):
@@ -210,7 +211,8 @@ def main(argv=None):
   parser.add_argument("--json", help="write the rows to this file")
   parser.add_argument("--variants", default="",
                       help="comma-separated GPU kernel settings: C<chunk>, D<diag block>, "
-                           "L<chunks per block>, W<warps>, F/B<forward/backward kernel warps>, "
+                           "L<chunks per block>, S<1 recompute / 0 store chunk states>, W<warps>, "
+                           "F/B<forward/backward kernel warps>, "
                            "combined (C64D16B8); or old=PATH")
   args = parser.parse_args(argv)
 

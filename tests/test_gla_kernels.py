@@ -68,9 +68,26 @@ def test_kernel_matches_recurrent_reference(backend, case):
     ("bf16 K=32 V=64, reverse, h0", 2),           # reverse scan over 2 blocks
     ("bf16 K=32 V=64, strong, T=300", 3),         # 10 chunks: 3 + 3 + 3 + 1
 ])
-def test_gpu_kernel_sequence_blocks(monkeypatch, case, block_chunks):
+@pytest.mark.parametrize("recompute", [True, False])
+def test_gpu_kernel_sequence_blocks(monkeypatch, case, block_chunks, recompute):
   monkeypatch.setattr(pallas_gpu, "BLOCK_CHUNKS", block_chunks)
+  monkeypatch.setattr(pallas_gpu, "RECOMPUTE_STATES", recompute)
   _check_case("pallas_gpu", case)
+
+
+@pytest.mark.parametrize("recompute,per_chunk", [(True, False), (False, True)])
+def test_gpu_residuals_keep_block_states_only_when_recomputing(monkeypatch, recompute,
+                                                               per_chunk):
+  """With RECOMPUTE_STATES the forward keeps the state entering each block, not each chunk."""
+  monkeypatch.setattr(pallas_gpu, "RECOMPUTE_STATES", recompute)
+  monkeypatch.setattr(pallas_gpu, "BLOCK_CHUNKS", 4)
+  b, t, h, kd, vd = 1, 16 * pallas_gpu.CHUNK, 2, 32, 64
+  spec = lambda shape, dt=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dt)
+  _, _, residuals = jax.eval_shape(
+      lambda *a: pallas_gpu.forward(*a, scale=0.1, reverse=False),
+      spec((b, t, h, kd)), spec((b, t, h, kd)), spec((b, t, h, vd)),
+      spec((b, t, h, kd), jnp.float32), spec((b, h, kd, vd), jnp.float32))
+  assert residuals[0].shape == (b, h, 16 if per_chunk else 4, kd, vd)
 
 
 # The GPU kernel's default scheme (chunk_math diag=16) keeps gates >= -10 per step; the exact
@@ -145,7 +162,8 @@ def test_forward_and_backward_lower(backend, platform, dtype, reverse):
 
 
 def test_gpu_sequence_blocks_lower():
-  """At T = 4096 the GPU kernel runs four kernels: block states, outputs, and both backward."""
+  """At T = 4096 the GPU kernel runs five kernels: block states and outputs forward; block
+  gradient states, recomputed chunk states and gradients backward."""
   b, t, h, kd, vd = 1, 4096, 2, 32, 64
 
   def loss(q, k, v, g):
@@ -156,7 +174,7 @@ def test_gpu_sequence_blocks_lower():
           spec((b, t, h, kd), jnp.float32))
   text = jax.jit(jax.grad(loss, argnums=range(4))).trace(*args).lower(
       lowering_platforms=("cuda",)).as_text()
-  for name in ("gla_fwd_states", "gla_fwd", "gla_bwd_states", "gla_bwd"):
+  for name in ("gla_fwd_states", "gla_fwd", "gla_bwd_states", "gla_chunk_states", "gla_bwd"):
     assert name in text, name
 
 

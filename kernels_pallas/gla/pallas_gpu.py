@@ -18,9 +18,11 @@ Forward, when there is more than one block:
    with P the exclusive prefix sum of block log-decays: one small masked batched matmul over
    blocks (every exponent <= 0), no sequential loop.
 3. `gla_fwd`: outputs, from S_in, walking the block's chunks with chunk_math.forward (the
-   intra-chunk scores use chunk_math's recursive halving, all gate factors <= 1). It also stores
-   the state entering each chunk (float32, 8 K V / C bytes per token) and the state leaving the
-   block.
+   intra-chunk scores: see "In-chunk scheme" below), and the state leaving the block. The
+   backward needs the state entering every chunk: by default (RECOMPUTE_STATES) it recomputes
+   them from S_in with `gla_chunk_states` (a state-only walk over k, v, g), so that all layers'
+   residuals hold S_in (1/L of the states) rather than 8 K V / C bytes per token; with
+   RECOMPUTE_STATES = False `gla_fwd` stores them instead.
 Backward, likewise: `gla_bwd_states` (each block's queries' contribution to the gradient of the
 state entering it), XLA for the gradient of the state leaving each block (the same masked
 matmul, reversed), then `gla_bwd`, walking each block's chunks in reverse scan order with
@@ -57,6 +59,11 @@ DIAG = 16  # chunk_math scheme: mid-anchored diagonal blocks of 16 rows (BENCHMA
 NUM_WARPS = 4  # warps per program: an int, or {kernel name or "default": warps}
 # Chunks per sequence block; None: `block_chunks_for` below. Tests set it to force many blocks.
 BLOCK_CHUNKS = None
+# True: the backward recomputes the state entering each chunk from the state entering each
+# block (one light pass over k, v, g) instead of keeping them from the forward: the residuals
+# per token shrink by 8 K V / C bytes per head (about 0.6 GB over DiG-S/2's 12 layers at 16k
+# tokens, the whole gap to DiT's peak memory). False keeps the forward's states.
+RECOMPUTE_STATES = True
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -148,13 +155,15 @@ def _fwd_states_kernel(k_ref, v_ref, g_ref, u_ref, lam_ref, *, chunk, n_chunks, 
   lam_ref[...] = lam
 
 
-def _fwd_kernel(q_ref, k_ref, v_ref, g_ref, s_in_ref, o_ref, s_out_ref, states_ref, *, chunk,
+def _fwd_kernel(q_ref, k_ref, v_ref, g_ref, s_in_ref, o_ref, s_out_ref, *states_ref, chunk,
                 n_chunks, size, nv, scale, reverse, diag):
+  """states_ref: optional output of the state entering every chunk (RECOMPUTE_STATES off)."""
   walk = _Walk(pl.program_id(2) // nv, n_chunks, size, chunk, reverse, diag)
 
   def step(n, state):
     idx, rows = walk.rows(n)
-    states_ref[idx] = state
+    if states_ref:
+      states_ref[0][idx] = state
     o, state = chunk_math.forward(q_ref[rows, :], k_ref[rows, :], v_ref[rows, :],
                                   walk.gates(g_ref, rows), state, scale=scale, reverse=reverse, ops=OPS,
                                   diag=diag)
@@ -162,6 +171,20 @@ def _fwd_kernel(q_ref, k_ref, v_ref, g_ref, s_in_ref, o_ref, s_out_ref, states_r
     return state
 
   s_out_ref[...] = walk.forward(step, s_in_ref[...])
+
+
+def _chunk_states_kernel(k_ref, v_ref, g_ref, s_in_ref, states_ref, *, chunk, n_chunks, size,
+                         nv, reverse, diag):
+  """The state entering every chunk of a block, from the state entering the block."""
+  walk = _Walk(pl.program_id(2) // nv, n_chunks, size, chunk, reverse, diag)
+
+  def step(n, state):
+    idx, rows = walk.rows(n)
+    states_ref[idx] = state
+    return chunk_math.state_update(k_ref[rows, :], v_ref[rows, :], walk.gates(g_ref, rows), state,
+                                   reverse=reverse, ops=OPS)
+
+  walk.forward(step, s_in_ref[...])
 
 
 def _bwd_states_kernel(q_ref, g_ref, do_ref, w_ref, *, chunk, n_chunks, size, scale, reverse,
@@ -291,14 +314,14 @@ def forward(q, k, v, g, h0, *, scale, reverse, chunk=None, diag=None, block_chun
   chunk, diag = chunk or CHUNK, diag or DIAG
   size, _ = _blocks(q.shape[1] // chunk, block_chunks, chunk)
   return _forward(q, k, v, g, h0, scale=scale, reverse=reverse, chunk=chunk, size=size,
-                  diag=diag, interpret=interpret)
+                  diag=diag, store=not RECOMPUTE_STATES, interpret=interpret)
 
 
-_STATIC = ("scale", "reverse", "chunk", "size", "diag", "interpret")
+_STATIC = ("scale", "reverse", "chunk", "size", "diag", "store", "interpret")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _forward(q, k, v, g, h0, *, scale, reverse, chunk, size, diag, interpret):
+def _forward(q, k, v, g, h0, *, scale, reverse, chunk, size, diag, store, interpret):
   b, t, h, kd = q.shape
   vd = v.shape[-1]
   n_chunks = t // chunk
@@ -312,18 +335,42 @@ def _forward(q, k, v, g, h0, *, scale, reverse, chunk, size, diag, interpret):
     s_in = _states_entering(u, lam, h0)
   nv = v_tiles(b * h * nb, vd)
   qk = _seq_spec(t, kd)
-  o, s_out, states = _call(
+  out_specs = [_seq_spec(t, vd, nv), _block_spec(kd, vd, nv)]
+  out_shape = [jax.ShapeDtypeStruct(v.shape, v.dtype),
+               jax.ShapeDtypeStruct((b, h, nb, kd, vd), f32)]
+  if store:
+    out_specs.append(_chunk_states_spec(n_chunks, kd, vd, nv))
+    out_shape.append(jax.ShapeDtypeStruct((b, h, n_chunks, kd, vd), f32))
+  o, s_out, *states = _call(
       functools.partial(_fwd_kernel, nv=nv, scale=scale, **common), (b, h, nb * nv),
-      [qk, qk, _seq_spec(t, vd, nv), qk, _block_spec(kd, vd, nv)],
-      [_seq_spec(t, vd, nv), _block_spec(kd, vd, nv),
-       pl.BlockSpec((None, None, n_chunks, kd, vd // nv), lambda b, h, j: (b, h, 0, 0, j % nv))],
-      [jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct((b, h, nb, kd, vd), f32),
-       jax.ShapeDtypeStruct((b, h, n_chunks, kd, vd), f32)], "gla_fwd", interpret,
+      [qk, qk, _seq_spec(t, vd, nv), qk, _block_spec(kd, vd, nv)], out_specs, out_shape,
+      "gla_fwd", interpret,
   )(q, k, v, g, s_in)
-  # The block size, chunk and scheme travel in the residuals' shapes (an empty
-  # [size, chunk, diag, 0] array), so the backward matches the forward whatever the module
-  # settings are when it is traced.
-  return o, s_out[:, :, -1], (states, s_out, lam, jnp.zeros((size, chunk, diag, 0), jnp.int8))
+  # The block size, chunk, scheme and state keeping travel in the residuals' shapes (an empty
+  # [size, chunk, diag, 1 + store, 0] array), so the backward matches the forward whatever the
+  # module settings are when it is traced. Without stored states the residual is the state
+  # entering each block (1 / size of them).
+  marker = jnp.zeros((size, chunk, diag, 1 + store, 0), jnp.int8)
+  return o, s_out[:, :, -1], (states[0] if store else s_in, s_out, lam, marker)
+
+
+def _chunk_states_spec(n_chunks, kd, vd, nv):  # [B, H, NC, K, V]: all chunks of a (b, h)
+  return pl.BlockSpec((None, None, n_chunks, kd, vd // nv), lambda b, h, j: (b, h, 0, 0, j % nv))
+
+
+def _chunk_states(k, v, g, s_in, *, chunk, n_chunks, size, reverse, diag, interpret):
+  """State entering every chunk [B, H, NC, K, V], recomputed from those entering each block."""
+  b, t, h, kd = k.shape
+  vd = v.shape[-1]
+  nb = -(-n_chunks // size)
+  nv = v_tiles(b * h * nb, vd)
+  return _call(
+      functools.partial(_chunk_states_kernel, chunk=chunk, n_chunks=n_chunks, size=size, nv=nv,
+                        reverse=reverse, diag=diag), (b, h, nb * nv),
+      [_seq_spec(t, kd), _seq_spec(t, vd, nv), _seq_spec(t, kd), _block_spec(kd, vd, nv)],
+      _chunk_states_spec(n_chunks, kd, vd, nv),
+      jax.ShapeDtypeStruct((b, h, n_chunks, kd, vd), jnp.float32), "gla_chunk_states",
+      interpret)(k, v, g, s_in)
 
 
 def backward(q, k, v, g, do, residuals, dht, dg0, *, scale, reverse, interpret=False):
@@ -331,14 +378,15 @@ def backward(q, k, v, g, do, residuals, dht, dg0, *, scale, reverse, interpret=F
   residuals (it is the last block's carry) and not used."""
   del dg0
   *residuals, marker = residuals
-  size, chunk, diag, _ = marker.shape
+  size, chunk, diag, stored, _ = marker.shape
   return _backward(q, k, v, g, do, tuple(residuals), dht, scale=scale, reverse=reverse,
-                   chunk=chunk, size=size, diag=diag, interpret=interpret)
+                   chunk=chunk, size=size, diag=diag, store=stored == 2, interpret=interpret)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _backward(q, k, v, g, do, residuals, dht, *, scale, reverse, chunk, size, diag, interpret):
-  states, s_out, lam = residuals
+def _backward(q, k, v, g, do, residuals, dht, *, scale, reverse, chunk, size, diag, store,
+              interpret):
+  states, s_out, lam = residuals  # states: entering each chunk if stored, else each block
   b, t, h, kd = q.shape
   vd = v.shape[-1]
   n_chunks = t // chunk
@@ -347,6 +395,9 @@ def _backward(q, k, v, g, do, residuals, dht, *, scale, reverse, chunk, size, di
                 diag=diag)
   f32 = jnp.float32
   qk, vs = _seq_spec(t, kd), _seq_spec(t, vd)
+  if not store:
+    states = _chunk_states(k, v, g, states, chunk=chunk, n_chunks=n_chunks, size=size,
+                           reverse=reverse, diag=diag, interpret=interpret)
   if nb == 1:
     ds_out = dht[:, :, None]
   else:
