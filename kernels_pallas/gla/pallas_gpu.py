@@ -21,7 +21,7 @@ Forward, when there is more than one block:
    intra-chunk scores: see "In-chunk scheme" below), and the state leaving the block. The
    backward needs the state entering every chunk: by default (RECOMPUTE_STATES) it recomputes
    them from S_in with `gla_chunk_states` (a state-only walk over k, v, g), so that all layers'
-   residuals hold S_in (1/L of the states) rather than 8 K V / C bytes per token; with
+   residuals hold S_in (1/L of the states) rather than 4 K V / C bytes per token; with
    RECOMPUTE_STATES = False `gla_fwd` stores them instead.
 Backward, likewise: `gla_bwd_states` (each block's queries' contribution to the gradient of the
 state entering it), XLA for the gradient of the state leaving each block (the same masked
@@ -61,8 +61,9 @@ NUM_WARPS = 4  # warps per program: an int, or {kernel name or "default": warps}
 BLOCK_CHUNKS = None
 # True: the backward recomputes the state entering each chunk from the state entering each
 # block (one light pass over k, v, g) instead of keeping them from the forward: the residuals
-# per token shrink by 8 K V / C bytes per head (about 0.6 GB over DiG-S/2's 12 layers at 16k
-# tokens, the whole gap to DiT's peak memory). False keeps the forward's states.
+# per token and head shrink by 4 K V / C bytes (7/8 of it with 8-chunk blocks): predicted
+# 0.25 GiB for DiG-S/2 (12 layers, 16k tokens a step), 1.5 GiB for DiG-XL/2. Costs a pass over
+# k, v, g in the backward. False keeps the forward's states.
 RECOMPUTE_STATES = True
 _HIGHEST = jax.lax.Precision.HIGHEST
 
