@@ -61,8 +61,8 @@ class GatedLinearAttention(nnx.Module):
     of x as one matmul (x is read once; the backward has one dx matmul, not five and a sum).
     The parameters stay five separate kernels, as in the reference."""
     layers = (self.q_proj, self.k_proj, self.v_proj, self.g_proj, self.gk_down)
-    dtype = self.q_proj.dtype or x.dtype
-    kernel = jnp.concatenate([layer.kernel[...] for layer in layers], axis=1).astype(dtype)
-    y = jnp.dot(x.astype(dtype), kernel, precision=self.q_proj.precision)
+    kernel = jnp.concatenate([layer.kernel[...] for layer in layers], axis=1)
+    dtype = self.q_proj.dtype or jnp.result_type(x, kernel)  # as nnx.Linear promotes
+    y = jnp.dot(x.astype(dtype), kernel.astype(dtype), precision=self.q_proj.precision)
     ends = np.cumsum([layer.out_features for layer in layers])[:-1]
     return jnp.split(y, ends, axis=-1)

@@ -59,7 +59,7 @@ def resolve_backend(backend: str, x) -> str:
   """Maps "auto" to the backend for the platform of `x`; validates explicit choices.
 
   GPU rule, by measurement (BENCHMARKS.md, one H100): "auto" is pallas_gpu, which beat the jnp
-  reference at all four anchor shapes (1.8x to 3.4x fwd+bwd). pallas_gpu picks its own sequence
+  reference at all four anchor shapes (2.7x to 6.2x fwd+bwd). pallas_gpu picks its own sequence
   split (`pallas_gpu.block_chunks_for`: 256 tokens per block, so one block and no state passes
   when T <= 256, where one block measured fastest)."""
   if backend not in BACKENDS:
@@ -154,7 +154,7 @@ def chunk_gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state=
   Args:
     q, k: [B, T, H, K]; v: [B, T, H, V]; g: [B, T, H, K] float32 log-decay (<= 0). The GPU
       kernel raises per-step log-decays below -10 to -10 (decay e^-10 = 4.5e-5 per token
-      already erases the state; `pallas_gpu.gate_floor`); the reference and TPU kernel do not.
+      already erases the state; `chunk_math.gate_floor`); the reference and TPU kernel do not.
     scale: query scale, default K ** -0.5.
     initial_state: optional [B, H, K, V] state before the first token (first scanned token).
     output_final_state: also return the [B, H, K, V] float32 state after the last token.

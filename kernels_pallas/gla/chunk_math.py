@@ -13,9 +13,9 @@ The halving stops at blocks of `diag` rows:
   log2(C) masked [C, C] matmuls (three each in the backward).
 - diag = d > 1: each d-row diagonal block is one matmul anchored at its middle row: one side's
   factor is then >= 1, up to exp(d/2 * |g|), which is finite in float32 while every per-step
-  log-decay is above -160 / d (-10 for d = 16); `gate_floor(d)` is that bound and the GPU entry
-  point clamps g to it (a decay of e^-10 per step already wipes the state: the clamp moves
-  outputs by less than 1e-4 of the decayed terms). Fewer matmuls and exponentials per chunk.
+  log-decay is above -160 / d (-10 for d = 16); `gate_floor(d)` is that bound and the GPU kernels
+  raise g to it on load (a decay of e^-10 per step already wipes the state). Fewer matmuls and
+  exponentials per chunk.
 
 Matmul precision: scores and outputs take q, k, v, do (scaled by gate factors) in the input
 dtype; matmuls that make or use the state, its gradient or the score gradient stay float32

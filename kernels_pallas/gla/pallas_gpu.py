@@ -112,7 +112,7 @@ def _blocks(n_chunks, block_chunks, chunk):
 class _Walk:
   """Chunks of one sequence block: scan positions n0 .. n0 + count - 1."""
 
-  def __init__(self, blk, n_chunks, size, chunk, reverse, diag=1):
+  def __init__(self, blk, n_chunks, size, chunk, reverse, diag):
     self.n0 = blk * size
     self.count = jnp.minimum(size, n_chunks - self.n0)
     self.n_chunks, self.chunk, self.reverse = n_chunks, chunk, reverse
@@ -166,8 +166,8 @@ def _fwd_kernel(q_ref, k_ref, v_ref, g_ref, s_in_ref, o_ref, s_out_ref, *states_
     if states_ref:
       states_ref[0][idx] = state
     o, state = chunk_math.forward(q_ref[rows, :], k_ref[rows, :], v_ref[rows, :],
-                                  walk.gates(g_ref, rows), state, scale=scale, reverse=reverse, ops=OPS,
-                                  diag=diag)
+                                  walk.gates(g_ref, rows), state, scale=scale, reverse=reverse,
+                                  ops=OPS, diag=diag)
     o_ref[rows, :] = o.astype(o_ref.dtype)
     return state
 
@@ -182,8 +182,8 @@ def _chunk_states_kernel(k_ref, v_ref, g_ref, s_in_ref, states_ref, *, chunk, n_
   def step(n, state):
     idx, rows = walk.rows(n)
     states_ref[idx] = state
-    return chunk_math.state_update(k_ref[rows, :], v_ref[rows, :], walk.gates(g_ref, rows), state,
-                                   reverse=reverse, ops=OPS)
+    return chunk_math.state_update(k_ref[rows, :], v_ref[rows, :], walk.gates(g_ref, rows),
+                                   state, reverse=reverse, ops=OPS)
 
   walk.forward(step, s_in_ref[...])
 
@@ -194,8 +194,8 @@ def _bwd_states_kernel(q_ref, g_ref, do_ref, w_ref, *, chunk, n_chunks, size, sc
 
   def step(n, dstate):
     _, rows = walk.rows(n)
-    return chunk_math.dstate_update(q_ref[rows, :], walk.gates(g_ref, rows), do_ref[rows, :], dstate,
-                                    scale=scale, reverse=reverse, ops=OPS)
+    return chunk_math.dstate_update(q_ref[rows, :], walk.gates(g_ref, rows), do_ref[rows, :],
+                                    dstate, scale=scale, reverse=reverse, ops=OPS)
 
   w_ref[...] = walk.backward(step, jnp.zeros(w_ref.shape, jnp.float32))
 
@@ -210,8 +210,8 @@ def _bwd_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, states_ref, ds_ref, dgc_ref,
     idx, rows = walk.rows(n)
     dq, dk, dv, dg, dstate, dg_carry = chunk_math.backward(
         q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], walk.gates(g_ref, rows),
-        do_ref[rows, :],
-        states_ref[idx], dstate, dg_carry, scale=scale, reverse=reverse, ops=OPS, diag=diag)
+        do_ref[rows, :], states_ref[idx], dstate, dg_carry, scale=scale, reverse=reverse,
+        ops=OPS, diag=diag)
     dq_ref[rows, :] = dq.astype(dq_ref.dtype)
     dk_ref[rows, :] = dk.astype(dk_ref.dtype)
     dv_ref[rows, :] = dv.astype(dv_ref.dtype)
