@@ -4,7 +4,8 @@ Times a full training step (forward, diffusion loss, backward, AdamW, EMA: the p
 `make_train_step`) of DiG and of DiT at the same size, DiT both with cuDNN attention
 (`attention_impl="cudnn"`) and with XLA's materialised attention (`"xla"`), on random latents
 (4 channels, latent = px / 8), bf16 compute (`dtype` override) with fp32 params.
-Per configuration it reports images/s (median step time after warm-up), peak device memory
+Per configuration it reports images/s (median step time after warm-up, steps run back to back
+in groups of STEPS_PER_SYNC as the training loop runs them), peak device memory
 (`peak_bytes_in_use`; OOM is caught and reported), optionally the largest batch that fits,
 analytic model FLOPs per image (`dig_jax.flops`, training = 3x forward), achieved TFLOP/s and
 MFU against a dense bf16 matmul rate measured in the same run, and DiG/DiT ratios.
@@ -32,6 +33,7 @@ LATENT_CHANNELS = 4
 NUM_CLASSES = 1000
 TOKENS_PER_BATCH = 16384  # default batch: 64 images at 256 px (S/2), 1 at >= 1536 px
 MAX_DEFAULT_BATCH = 64
+STEPS_PER_SYNC = 5  # steps run back to back between syncs when timing (see _time_steps)
 RESULT_TAG = "BENCH_RESULT "
 
 
@@ -209,17 +211,22 @@ def _batches(batch, latent, count=2):
   return out
 
 
-def _time_steps(step, state, batches, steps, warmup):
+def _time_steps(step, state, batches, steps, warmup, per_sync=STEPS_PER_SYNC):
+  """Per-step seconds of `steps` steps, timed in groups of `per_sync` steps run back to back
+  with one sync per group, as the training loop runs them (it syncs only to log): a sync after
+  every step would add the host's dispatch time to each step."""
   import jax
   for i in range(warmup):
     state, metrics = step(state, batches[i % len(batches)])
     jax.block_until_ready((state, metrics))
   times = []
-  for i in range(steps):
+  for first in range(0, steps, per_sync):
+    group = range(first, min(first + per_sync, steps))
     start = time.perf_counter()
-    state, metrics = step(state, batches[i % len(batches)])
+    for i in group:
+      state, metrics = step(state, batches[i % len(batches)])
     jax.block_until_ready((state, metrics))
-    times.append(time.perf_counter() - start)
+    times.append((time.perf_counter() - start) / len(group))
   return state, metrics, times
 
 
@@ -494,7 +501,8 @@ def build_parser():
   parser.add_argument("--batch", type=int, default=0,
                       help="images per step; default: 16384 tokens' worth, from 1 to 64 "
                            "(64 at 256 px with patch 2, 4 at 1024, 1 from 1536)")
-  parser.add_argument("--steps", type=int, default=20, help="timed steps (median reported)")
+  parser.add_argument("--steps", type=int, default=20, help="timed steps, in groups of "
+                      f"{STEPS_PER_SYNC} run back to back (median group mean reported)")
   parser.add_argument("--warmup", type=int, default=3, help="untimed steps after compiling")
   parser.add_argument("--dit_attention", default=",".join(DIT_ATTENTION),
                       help="DiT attention implementations: cudnn, xla; default %(default)s "

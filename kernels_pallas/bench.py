@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import re
 import statistics
 import time
@@ -41,15 +42,22 @@ def hbm_floor_ms(b, t, h, kd, vd):
   return b * h * t * (24 * kd + 10 * vd) / HBM_BYTES_PER_S * 1e3
 
 
-def _median_ms(fn, input_sets, runs):
+def _median_ms(fn, input_sets, runs, batch_ms=2.0):
+  """Median time of one call. Each timed sample is a batch of back-to-back calls lasting about
+  `batch_ms` (one sync per batch): single synced calls of well under a millisecond measured
+  launch gaps and low clocks as much as the kernels (20-40 % spread between runs)."""
   for args in input_sets:  # compile and warm up
     jax.block_until_ready(fn(*args))
+  start = time.perf_counter()
+  jax.block_until_ready(fn(*input_sets[0]))
+  per_batch = max(1, math.ceil(batch_ms / 1e3 / (time.perf_counter() - start)))
   times = []
   for i in range(runs):
-    args = input_sets[i % len(input_sets)]
     start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
+    for j in range(per_batch):
+      out = fn(*input_sets[(i + j) % len(input_sets)])
+    jax.block_until_ready(out)
+    times.append((time.perf_counter() - start) / per_batch)
   return statistics.median(times) * 1e3
 
 
@@ -77,7 +85,8 @@ def _n_sets(nbytes):
   return 3 if nbytes < 256 * 2**20 else 1
 
 
-_SETTINGS = {"C": "CHUNK", "D": "DIAG", "L": "BLOCK_CHUNKS", "S": "RECOMPUTE_STATES"}
+_SETTINGS = {"C": "CHUNK", "D": "DIAG", "L": "BLOCK_CHUNKS", "S": "RECOMPUTE_STATES",
+             "N": "NUM_STAGES"}
 _WARPS_OF = {"W": "default", "F": "gla_fwd", "B": "gla_bwd"}  # warps: all, forward, backward
 
 
@@ -98,6 +107,7 @@ def _variant_fn(variant):
   """(label, f(q, k, v, g) -> o, pallas_gpu settings) of one `--variants` entry: letters
   C (chunk), D (diagonal block of chunk_math's scheme), L (chunks per sequence block),
   S (1: the backward recomputes the per-chunk states, 0: the forward stores them),
+  N (software-pipelining stages of every kernel's chunk loop),
   W (warps of every kernel), F / B (warps of the forward / backward output kernel), each
   followed by a number, e.g. C64D16B8; or old=PATH."""
   if variant.startswith("old="):
