@@ -24,7 +24,7 @@ import dataclasses
 from dig_jax.models.registry import PATCHES, SIZES, parse_model_name, swiglu_hidden
 
 VAE_DOWNSAMPLE = 8
-DEFAULT_GLA_CHUNK = 32  # the chunk of kernels_pallas.gla.pallas_gpu
+DEFAULT_GLA_CHUNK = 16  # the chunk of kernels_pallas.gla.pallas_gpu
 GLA_GATE_RANK = 16      # DiG's low-rank forget gate: D -> 16 -> D/2
 FREQ_DIM = 256          # timestep sinusoid width
 

@@ -98,6 +98,14 @@ def test_gpu_kernel_exact_scheme(monkeypatch, case):
   _check_case("pallas_gpu", case)
 
 
+# Chunks of 32 rows (a bench setting) take the other in-chunk path of the diag scheme: an
+# anchored matmul between the two 16-row halves plus the diagonal blocks.
+@pytest.mark.parametrize("case", ["T%C!=0, K=36 V=72, h0", "bf16 K=32 V=64, strong, T=300"])
+def test_gpu_kernel_chunk_32(monkeypatch, case):
+  monkeypatch.setattr(pallas_gpu, "CHUNK", 32)
+  _check_case("pallas_gpu", case)
+
+
 def _gate_floor(backend):
   return chunk_math.gate_floor(pallas_gpu.DIAG) if backend == "pallas_gpu" else None
 

@@ -8,7 +8,7 @@ keep chunk_math.py as it is.)
 Design (sequence split, as fla's chunk_h_split): the scan-ordered chunks of one (batch, head)
 are grouped into blocks of L chunks (L = `block_chunks`, a few hundred tokens), and every
 kernel runs one program per (batch, head, block), so a long sequence gives the GPU many short
-serial chains instead of one long one (the first version walked all T/32 chunks of a head in
+serial chains instead of one long one (the first version walked all T/C chunks of a head in
 one program: at T = 4096 that left most SMs idle, BENCHMARKS.md).
 
 Forward, when there is more than one block:
@@ -32,12 +32,14 @@ the gradient reaching it from later tokens; for the last block that is sum_V(ht 
 With one block (short sequences, or `block_chunks >= T / C`) steps 1-2 are skipped and this is
 the single-pass design of the first version.
 
-In-chunk scheme: chunk_math with diag = 16 (DIAG): per chunk of 32 rows one anchored matmul
-for the two 16-row halves and one for the two 16-row diagonal blocks, 3 exponentials per
-element; measured 6-13 % faster fwd+bwd than the exact diag = 1 scheme (5 levels) on an H100
-(BENCHMARKS.md). Its price is a floor on the gates: per-step log-decays below -10 are raised to
--10 when g is loaded (values and gradients are then those of the floored gates; a decay of
-e^-10 per token already erases the state). DIAG = 1 keeps the exact scheme for any gates.
+In-chunk scheme: chunks of 16 rows (CHUNK), each one matmul anchored at its middle row
+(chunk_math with diag = 16, DIAG). Chunks of 16 measured 12-20 % faster fwd+bwd than chunks of
+32 (one anchored matmul for the two halves plus one for the two diagonal blocks) on an H100:
+every per-chunk value is half the size, and the backward walk, which holds them all in
+registers, spills less (BENCHMARKS.md). The scheme's price is a floor on the gates: per-step
+log-decays below -10 are raised to -10 when g is loaded (values and gradients are then those of
+the floored gates; a decay of e^-10 per token already erases the state). DIAG = 1 keeps the
+exact scheme (recursive halving down to single rows) for any gates.
 
 Layout: the kernels read q, k, v, g and write o in the caller's [B, T, H, D] layout (no
 transposes). `reverse=True` only changes which chunk index a step reads and the direction of
@@ -54,7 +56,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from kernels_pallas.gla import chunk_math
 
-CHUNK = 32  # measured on H100: 32 beats 64 (BENCHMARKS.md)
+CHUNK = 16  # measured on H100: 16 beats 32, which beat 64 (BENCHMARKS.md)
 DIAG = 16  # chunk_math scheme: mid-anchored diagonal blocks of 16 rows (BENCHMARKS.md)
 NUM_WARPS = 4  # warps per program: an int, or {kernel name or "default": warps}
 # Triton software-pipelining stages of the chunk loops (loads of the next chunks issued while
