@@ -1,6 +1,8 @@
 """The Gated Linear Attention token mixer of DiG (fla's GLA layer with DiG's settings)."""
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -47,13 +49,21 @@ class GatedLinearAttention(nnx.Module):
     q, k, v, out_gate, gk_low = self._input_projections(x)
     q, k, v = (y.reshape(n, t, heads, -1) for y in (q, k, v))
     # Forget gate in log space, fp32: log(sigmoid(.) ** (1/16)), always <= 0.
-    gk = jax.nn.log_sigmoid(self.gk_up(gk_low).astype(jnp.float32))
-    gk = (gk / self.gate_logit_normalizer).reshape(n, t, heads, -1)
+    gk = self.gk_up(gk_low).astype(jnp.float32).reshape(n, t, heads, -1)
+    gk = _log_sigmoid_scaled(gk, self.gate_logit_normalizer)
     o, _ = chunk_gla(q, k, v, gk, reverse=reverse, backend=self.backend,
                      interpret=self.interpret)
+    # Norm and gate recomputed in the backward from o and out_gate (kept anyway): XLA then
+    # keeps neither the o_proj input nor the whole fused projection output, which it otherwise
+    # held to read out_gate as a slice of it (seen in an H100 buffer dump).
+    return jax.checkpoint(lambda o, g: self._gated_output(o, g, x.dtype))(o, out_gate)
+
+  def _gated_output(self, o, out_gate, dtype):
+    """o_proj(RMSNorm_per_head(o) * swish(out_gate)); o: [N, T, H, V/H] -> [N, T, D]."""
+    n, t = o.shape[:2]
     o32 = o.astype(jnp.float32)
     o32 = o32 * jax.lax.rsqrt(jnp.mean(jnp.square(o32), axis=-1, keepdims=True) + 1e-6)
-    o = (o32 * self.o_norm_scale[...]).astype(x.dtype).reshape(n, t, self.value_dim)
+    o = (o32 * self.o_norm_scale[...]).astype(dtype).reshape(n, t, self.value_dim)
     return self.o_proj(o * nnx.silu(out_gate))
 
   def _input_projections(self, x):
@@ -66,3 +76,25 @@ class GatedLinearAttention(nnx.Module):
     y = jnp.dot(x.astype(dtype), kernel.astype(dtype), precision=self.q_proj.precision)
     ends = np.cumsum([layer.out_features for layer in layers])[:-1]
     return jnp.split(y, ends, axis=-1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _log_sigmoid_scaled(z, normalizer: float):
+  """log_sigmoid(z) / normalizer. Its backward needs only the output, which the GLA kernel
+  keeps anyway (d/dz log_sigmoid(z) = 1 - sigmoid(z) = -expm1(log_sigmoid(z))), so z itself
+  is not kept for the backward."""
+  return jax.nn.log_sigmoid(z) / normalizer
+
+
+def _log_sigmoid_scaled_fwd(z, normalizer):
+  # The barrier keeps XLA from folding `out * normalizer` in the backward back into the
+  # forward's log_sigmoid(z) and storing that as a second float32 array.
+  out = jax.lax.optimization_barrier(_log_sigmoid_scaled(z, normalizer))
+  return out, out
+
+
+def _log_sigmoid_scaled_bwd(normalizer, out, g):
+  return (g / normalizer * -jnp.expm1(out * normalizer),)
+
+
+_log_sigmoid_scaled.defvjp(_log_sigmoid_scaled_fwd, _log_sigmoid_scaled_bwd)
