@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
+from jax.extend.core import jaxprs_in_params
 
 from kernels_pallas.gla import chunk_gla, chunk_math, pallas_gpu, reference
 
@@ -218,3 +219,28 @@ def test_kernel_runs_per_batch_shard_under_a_mesh():
   assert result["kernel_batch_sizes"] and set(result["kernel_batch_sizes"]) == {1}
   assert result["loss_rel_err"] < 1e-4 and max(result["grad_rel_errs"]) < 1e-4
   assert result["lowers"] == {"cuda": True, "tpu": True}
+
+
+def _eqns(jaxpr):
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for sub in jaxprs_in_params(eqn.params):
+      yield from _eqns(sub)
+
+
+def test_backward_waits_for_the_cotangents():
+  """The Pallas backward's inputs pass through one optimization barrier with the cotangents, so
+  XLA cannot run the residual-only part (the recomputed chunk states) during the forward, where
+  every layer's states would be live at once."""
+  b, t, h, kd, vd = 1, 64, 2, 32, 64
+
+  def loss(q, k, v, g):
+    return jnp.sum(chunk_gla(q, k, v, g, backend="pallas_gpu", interpret=True)[0])
+
+  (q, k, v, g, _), _ = _inputs(0, b, t, h, kd, vd, jnp.float32, False)
+  jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=range(4)))(q, k, v, g).jaxpr
+  barriers = [e for e in _eqns(jaxpr) if e.primitive.name == "optimization_barrier"]
+  assert len(barriers) == 1
+  shapes = [tuple(x.aval.shape) for x in barriers[0].invars]
+  assert shapes.count((b, t, h, vd)) == 2  # v and the output cotangent
+  assert (b, h, kd, vd) in shapes  # the final-state cotangent (and the final state)

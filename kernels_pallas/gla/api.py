@@ -96,6 +96,11 @@ def _pallas_gla_fwd(q, k, v, g, h0, scale, reverse, backend, interpret):
 
 
 def _pallas_gla_bwd(scale, reverse, backend, interpret, residuals, cotangents):
+  # The barrier ties the residuals to the cotangents, so nothing of the backward that needs only
+  # residuals (the GPU kernel's recomputed chunk states) can be scheduled early, during the
+  # forward: XLA did that, and every layer's states were then live at once (+0.6 GiB for
+  # DiG-S/2 at 16k tokens, BENCHMARKS.md).
+  residuals, cotangents = jax.lax.optimization_barrier((residuals, cotangents))
   q, k, v, g, states, ht = residuals
   do, dht = cotangents
   # The final state is exp(sum of all g) times everything, so dL/dht . ht reaches every g_t.
