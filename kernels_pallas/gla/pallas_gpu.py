@@ -33,7 +33,7 @@ With one block (short sequences, or `block_chunks >= T / C`) steps 1-2 are skipp
 the single-pass design of the first version.
 
 In-chunk scheme: chunks of 16 rows (CHUNK), each one matmul anchored at its middle row
-(chunk_math with diag = 16, DIAG). Chunks of 16 measured 12-20 % faster fwd+bwd than chunks of
+(chunk_math with diag = 16, DIAG). Chunks of 16 measured 11-24 % faster fwd+bwd than chunks of
 32 (one anchored matmul for the two halves plus one for the two diagonal blocks) on an H100:
 every per-chunk value is half the size, and the backward walk, which holds them all in
 registers, spills less (BENCHMARKS.md). The scheme's price is a floor on the gates: per-step
@@ -60,16 +60,18 @@ CHUNK = 16  # measured on H100: 16 beats 32, which beat 64 (BENCHMARKS.md)
 DIAG = 16  # chunk_math scheme: mid-anchored diagonal blocks of 16 rows (BENCHMARKS.md)
 NUM_WARPS = 4  # warps per program: an int, or {kernel name or "default": warps}
 # Triton software-pipelining stages of the chunk loops (loads of the next chunks issued while
-# this one computes), same form as NUM_WARPS. Measured under ncu on an H100 (BENCHMARKS.md): 3
-# stages take 3-18 % off the backward walks; the forward walks get slower (more registers).
+# this one computes), same form as NUM_WARPS. Measured under ncu on an H100 at chunk 32
+# (BENCHMARKS.md): 3 stages take 3-18 % off the backward walks; the forward walks get slower
+# (more registers). At chunk 16, against 1 stage everywhere: -10 % fwd+bwd at XL/2@2048, within
+# the spread at the other anchor shapes.
 NUM_STAGES = {"default": 1, "gla_bwd": 3, "gla_bwd_states": 3, "gla_chunk_states": 3}
 # Chunks per sequence block; None: `block_chunks_for` below. Tests set it to force many blocks.
 BLOCK_CHUNKS = None
 # True: the backward recomputes the state entering each chunk from the state entering each
 # block (one light pass over k, v, g) instead of keeping them from the forward: the residuals
-# per token and head shrink by 4 K V / C bytes (7/8 of it with 8-chunk blocks): predicted
-# 0.25 GiB for DiG-S/2 (12 layers, 16k tokens a step), 1.5 GiB for DiG-XL/2. Costs a pass over
-# k, v, g in the backward. False keeps the forward's states.
+# per token and head shrink by 4 K V / C bytes (15/16 of it with 16-chunk blocks; 0.6 GB for
+# DiG-S/2 at 16k tokens a step). Measured cost: 8-11 % of the kernel's fwd+bwd time on an H100
+# (BENCHMARKS.md). False keeps the forward's states.
 RECOMPUTE_STATES = True
 _HIGHEST = jax.lax.Precision.HIGHEST
 
