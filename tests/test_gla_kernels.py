@@ -99,6 +99,18 @@ def test_gpu_kernel_exact_scheme(monkeypatch, case):
   _check_case("pallas_gpu", case)
 
 
+# The backward walk split into V tiles (dq, dk, dg summed over tiles), with one and many blocks.
+@pytest.mark.parametrize("case,block_chunks", [
+    ("T%C!=0, K=36 V=72, h0", None),              # V padded to 128: 2 tiles of 64
+    ("bf16 K=32 V=64, reverse, h0", 2),
+    ("bf16 K=32 V=64, strong, T=300", 3),
+])
+def test_gpu_kernel_backward_v_tiles(monkeypatch, case, block_chunks):
+  monkeypatch.setattr(pallas_gpu, "BWD_V_TILES", 2)
+  monkeypatch.setattr(pallas_gpu, "BLOCK_CHUNKS", block_chunks)
+  _check_case("pallas_gpu", case)
+
+
 # Chunks of 32 rows (a bench setting) take the other in-chunk path of the diag scheme: an
 # anchored matmul between the two 16-row halves plus the diagonal blocks.
 @pytest.mark.parametrize("case", ["T%C!=0, K=36 V=72, h0", "bf16 K=32 V=64, strong, T=300"])
@@ -170,9 +182,11 @@ def test_forward_and_backward_lower(backend, platform, dtype, reverse):
   assert text.count(marker) >= 2, "expected a forward and a backward kernel"
 
 
-def test_gpu_sequence_blocks_lower():
+@pytest.mark.parametrize("v_tiles", [1, 2])
+def test_gpu_sequence_blocks_lower(monkeypatch, v_tiles):
   """At T = 4096 the GPU kernel runs five kernels: block states and outputs forward; block
-  gradient states, recomputed chunk states and gradients backward."""
+  gradient states, recomputed chunk states and gradients backward (in V tiles or not)."""
+  monkeypatch.setattr(pallas_gpu, "BWD_V_TILES", v_tiles)
   b, t, h, kd, vd = 1, 4096, 2, 32, 64
 
   def loss(q, k, v, g):
