@@ -221,7 +221,8 @@ def main(argv=None):
   parser.add_argument("--json", help="write the rows to this file")
   parser.add_argument("--variants", default="",
                       help="comma-separated GPU kernel settings: C<chunk>, D<diag block>, "
-                           "L<chunks per block>, S<1 recompute / 0 store chunk states>, W<warps>, "
+                           "L<chunks per block>, S<1 recompute / 0 store chunk states>, "
+                           "N<pipelining stages>, V<backward V tiles>, W<warps>, "
                            "F/B<forward/backward kernel warps>, "
                            "combined (C64D16B8); or old=PATH")
   args = parser.parse_args(argv)

@@ -139,6 +139,17 @@ def _score_terms(g, reverse, diag, ops):
   return terms
 
 
+def _scores(qf, kf, terms, dt, diag):
+  """The masked in-chunk scores A [C, C] from `_score_terms` (float32 q and k)."""
+  a = 0.0
+  if diag == 1:  # the diagonal q_i . k_i, outside the matmul terms
+    i, j = _iotas(qf.shape[0])
+    a = jnp.where(i == j, jnp.sum(qf * kf, axis=1, keepdims=True), 0.0)
+  for fq, fk, mask in terms:
+    a += jnp.where(mask, _nt(qf * fq, kf * fk, dt), 0.0)
+  return a
+
+
 def _chunk_decays(g, reverse, ops):
   """exp(G) for queries, exp(gamma - G) for keys, exp(gamma) as a [K, 1] column."""
   cum = ops.cumsum(g, g.shape[0], reverse)
@@ -153,13 +164,9 @@ def forward(q, k, v, g, state, *, scale, reverse, ops, diag=1):
   Returns (o [C, V] float32, state after the chunk).
   """
   dt = _Precision.of(q.dtype, ops)
-  c = q.shape[0]
   qf, kf = q.astype(f32), k.astype(f32)
   eq, ek, decay = _chunk_decays(g, reverse, ops)
-  i, j = _iotas(c)
-  a = jnp.where(i == j, jnp.sum(qf * kf, axis=1, keepdims=True), 0.0) if diag == 1 else 0.0
-  for fq, fk, mask in _score_terms(g, reverse, diag, ops):
-    a += jnp.where(mask, _nt(qf * fq, kf * fk, dt), 0.0)
+  a = _scores(qf, kf, _score_terms(g, reverse, diag, ops), dt, diag)
   o = scale * (_nn(qf * eq, state, dt, sums=True) + _nn(a, v, dt))
   state = decay * state + _tn(kf * ek, v, dt, sums=True)
   return o, state
@@ -184,9 +191,7 @@ def backward(q, k, v, g, do, state, dstate, dg_carry, *, scale, reverse, ops, di
   da = jnp.where((j >= i) if reverse else (j <= i), _nt(dof, vf, dt), 0.0)
   dk = ek * _nt(vf, dstate, dt, sums=True)
   terms = _score_terms(g, reverse, diag, ops)
-  a = jnp.where(i == j, jnp.sum(qf * kf, axis=1, keepdims=True), 0.0) if diag == 1 else 0.0
-  for fq, fk, mask in terms:
-    a += jnp.where(mask, _nt(qf * fq, kf * fk, dt), 0.0)
+  a = _scores(qf, kf, terms, dt, diag)
   dv = _tn(a, dof, dt) + _nn(kf * ek, dstate, dt, sums=True)
   dq = eq * _nt(dof, state, dt, sums=True)
   if diag == 1:  # the diagonal q_i . k_i, outside the matmul terms
