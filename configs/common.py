@@ -30,6 +30,7 @@ def base_config() -> config_dict.ConfigDict:
   config.model.learn_sigma = True
   config.model.dtype = "float32"                           # compute dtype; params stay float32
   config.model.gla_backend = "auto"                        # DiG only: chunk_gla backend
+  config.model.conv_backend = "auto"                       # DiG only: depthwise conv backend
   config.model.remat = "none"                              # "full"/"dots": recompute in backward
 
   config.data = config_dict.ConfigDict()

@@ -106,7 +106,8 @@ def make_configs(args) -> list[dict]:
       batch = args.batch or default_batch(px, patch)
       impls = [args.gla_backend] if name.startswith("DiG") else attentions
       for impl in impls:
-        configs.append(dict(model=name, px=px, batch=batch, impl=impl, steps=args.steps,
+        extra = {"conv_backend": args.conv_backend} if name.startswith("DiG") else {}
+        configs.append(dict(model=name, px=px, batch=batch, impl=impl, steps=args.steps, **extra,
                             warmup=args.warmup, depth=args.depth, hidden_size=args.hidden_size,
                             dtype=args.dtype, remat=args.remat, find_max_batch=args.find_max_batch,
                             max_batch_limit=args.max_batch_limit))
@@ -179,6 +180,7 @@ def _build(config):
     overrides["num_heads"] = max(1, config["hidden_size"] // 64)
   if name.startswith("DiG"):
     overrides["gla_backend"] = config["impl"]
+    overrides["conv_backend"] = config.get("conv_backend", "auto")
   else:
     overrides["attention_impl"] = config["impl"]
   latent = px // 8
@@ -293,7 +295,7 @@ def run_config(config, progress=print) -> dict:
     backend = gla_api.resolve_backend(config["impl"], jax.numpy.zeros(()))
     chunk = {"pallas_gpu": pallas_gpu.CHUNK, "pallas_tpu": pallas_tpu.CHUNK,
              "reference": reference.CHUNK}.get(backend, chunk)
-    row.update(impl=backend, gla_chunk=chunk)
+    row.update(impl=backend, gla_chunk=chunk, conv_backend=config.get("conv_backend", "auto"))
   fwd = flops.forward_flops(name, px, gla_chunk=chunk, **shape_overrides)
   row.update(fwd_gflops_per_image=fwd / 1e9, train_gflops_per_image=3 * fwd / 1e9)
   if family == "DiT" and config["impl"] == "cudnn" and row["platform"] != "gpu":
@@ -398,8 +400,11 @@ def _fmt(x, spec):
 
 
 def _impl(row: dict) -> str:
+  out = row["impl"]
+  if row.get("conv_backend", "auto") != "auto":
+    out += f", conv {row['conv_backend']}"
   remat = row.get("remat", "none")
-  return row["impl"] if remat == "none" else f"{row['impl']}, remat {remat}"
+  return out if remat == "none" else f"{out}, remat {remat}"
 
 
 def table(rows: list[dict]) -> str:
@@ -467,7 +472,8 @@ def plot(rows: list[dict], path: str):
 def _row_key(row: dict) -> tuple:
   """What --resume matches on; a DiG row counts whatever GLA backend "auto" resolved to."""
   impl = row["impl"] if row["model"].startswith("DiT") else "gla"
-  return row["model"], impl, row["px"], row["batch"], row.get("remat", "none")
+  return (row["model"], impl, row.get("conv_backend", "auto"), row["px"], row["batch"],
+          row.get("remat", "none"))
 
 
 def previous_rows(path: str) -> list[dict]:
@@ -509,6 +515,8 @@ def build_parser():
                            "(cudnn rows are skipped off GPU)")
   parser.add_argument("--gla_backend", default="auto",
                       help="DiG's chunk_gla backend (auto, reference, pallas_gpu, pallas_tpu)")
+  parser.add_argument("--conv_backend", default="auto",
+                      help="DiG's depthwise conv backend (auto, reference, pallas_gpu)")
   parser.add_argument("--dtype", default="bfloat16", help="compute dtype (params stay fp32)")
   parser.add_argument("--remat", default="none", choices=("none", "full", "dots"),
                       help="what each block keeps for the backward pass: everything (none), its "

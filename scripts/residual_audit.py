@@ -105,7 +105,7 @@ def make_block(family, hidden, *, layer_index=0):
   if family == "DiG":
     return dig.DiGBlock(hidden, hidden // 64, registry.swiglu_hidden(hidden),
                         layer_index=layer_index, dtype=jnp.bfloat16, gla_backend="pallas_gpu",
-                        gla_interpret=True, rngs=rngs)
+                        pallas_interpret=True, rngs=rngs)
   heads = {384: 6, 768: 12, 1024: 16, 1152: 16}[hidden]
   return dit.DiTBlock(hidden, heads, 4.0, dtype=jnp.bfloat16, rngs=rngs)
 

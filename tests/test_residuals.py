@@ -154,10 +154,13 @@ def test_dig_block_keeps_no_recomputable_pieces():
   text = "\n".join(f"{b:8.0f} {d}" for b, d in rows)
   for where in ("_gated_output", "SwiGLU.__call__", "'log_sigmoid'"):
     assert where not in text, f"{where} keeps residuals:\n{text}"
+  # SwiGLU keeps [gate(x), up(x)] as the one matmul made it (2 x 1024 bf16 per token), not
+  # two halves sliced out of it.
+  assert [b for b, d in rows if "SwiGLU" in d] == [2 * 1024 * 2], text
   # The conv's nine shifted slices are one padded array to XLA: count it once.
-  conv = [b for b, d in rows if "_depthwise_conv" in d]
+  conv = [b for b, d in rows if "depthwise_conv3x3" in d]
   assert len(conv) == 9
-  total = sum(b for b, d in rows if "_depthwise_conv" not in d) + max(conv)
+  total = sum(b for b, d in rows if "depthwise_conv3x3" not in d) + max(conv)
   # jaxpr-level bytes per token (XLA keeps less, e.g. not layer_norm's fp32 temporaries):
   # 19.6 kB, against 37.0 kB counted the same way before these changes.
   assert total <= 19_600, text

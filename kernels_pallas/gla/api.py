@@ -8,6 +8,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from kernels_pallas import batch_sharding
 from kernels_pallas.gla import pallas_gpu, pallas_tpu, reference
 
 BACKENDS = ("auto", "reference", "pallas_gpu", "pallas_tpu")
@@ -131,27 +132,6 @@ def _run_pallas(q, k, v, g, initial_state, scale, reverse, backend, interpret):
   return o[:, :t, :, :vd], ht[:, :, :kd, :vd]
 
 
-def _batch_sharded(fn, mesh, n_in: int, n_out: int):
-  """`fn` run per batch shard: each device calls the kernel on its own examples.
-
-  XLA cannot partition a Pallas call (an opaque custom call to it): under a sharded jit it would
-  gather the whole batch onto every device and run the kernel there, so data-parallel training
-  would not scale. GLA mixes tokens within an example only, so splitting the batch over every
-  mesh axis, the trainer's batch layout, needs no communication.
-  """
-  spec = jax.sharding.PartitionSpec(tuple(mesh.axis_names))
-  return jax.shard_map(fn, mesh=mesh, in_specs=(spec,) * n_in, out_specs=(spec,) * n_out,
-                       check_vma=False)
-
-
-def _ambient_mesh(batch: int):
-  """The mesh set with `jax.set_mesh`, if it has several devices and splits `batch` evenly."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or mesh.size == 1 or batch % mesh.size:
-    return None
-  return mesh
-
-
 def chunk_gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state=False,
               reverse=False, backend="auto", interpret=False):
   """Gated Linear Attention, chunkwise. See the module docstring of `reference` for the math.
@@ -181,11 +161,12 @@ def chunk_gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state=
   scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
   run = functools.partial(_run_pallas, scale=scale, reverse=reverse, backend=chosen,
                           interpret=interpret)
-  mesh = _ambient_mesh(q.shape[0])
+  mesh = batch_sharding.ambient_mesh(q.shape[0])
   if mesh is None:
     o, ht = run(q, k, v, g, initial_state)
   elif initial_state is None:
-    o, ht = _batch_sharded(lambda *a: run(*a, None), mesh, 4, 2)(q, k, v, g)
+    o, ht = batch_sharding.batch_sharded(lambda *a: run(*a, None), mesh, (True,) * 4, 2)(
+        q, k, v, g)
   else:
-    o, ht = _batch_sharded(run, mesh, 5, 2)(q, k, v, g, initial_state)
+    o, ht = batch_sharding.batch_sharded(run, mesh, (True,) * 5, 2)(q, k, v, g, initial_state)
   return o, (ht if output_final_state else None)

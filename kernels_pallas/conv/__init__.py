@@ -1,0 +1,4 @@
+"""3x3 depthwise convolution on a token grid (DiG's conv after every block)."""
+from kernels_pallas.conv.api import BACKENDS, depthwise_conv3x3
+
+__all__ = ["BACKENDS", "depthwise_conv3x3"]
