@@ -111,6 +111,25 @@ def test_gpu_kernel_backward_v_tiles(monkeypatch, case, block_chunks):
   _check_case("pallas_gpu", case)
 
 
+def test_gpu_settings_changed_after_a_trace_take_effect(monkeypatch):
+  """Settings the kernels read while traced (here the backward's V tiles) reach the kernels even
+  when the same shapes were traced before with other settings (the jit cache once reused the
+  first trace's kernels, so bench variants and tests setting them changed nothing)."""
+  (q, k, v, g, _), (do, _) = _inputs(0, 1, 64, 2, 32, 64, jnp.float32, False)
+
+  def backward_grid(tiles):
+    monkeypatch.setattr(pallas_gpu, "BWD_V_TILES", tiles)
+    f = lambda *a: chunk_gla(*a, backend="pallas_gpu", interpret=True)[0]
+    jaxpr = jax.make_jaxpr(lambda *a: jax.vjp(f, *a)[1](do))(q, k, v, g).jaxpr
+    calls = [e for e in _eqns(jaxpr) if e.primitive.name == "pallas_call"]
+    return [tuple(e.params["grid_mapping"].grid) for e in calls
+            if "gla_bwd" == str(e.params["name"])]
+
+  assert backward_grid(1) == [(1, 2, 1)]
+  assert backward_grid(4) == [(1, 2, 4)]
+  assert backward_grid(1) == [(1, 2, 1)]
+
+
 # Chunks of 32 rows (a bench setting) take the other in-chunk path of the diag scheme: an
 # anchored matmul between the two 16-row halves plus the diagonal blocks.
 @pytest.mark.parametrize("case", ["T%C!=0, K=36 V=72, h0", "bf16 K=32 V=64, strong, T=300"])

@@ -252,6 +252,15 @@ def _for_kernel(setting, name, default):
   return setting
 
 
+def _tuning():
+  """The settings the kernels read while traced (warps, stages, backward V tiles), as a
+  hashable value. `_forward` and `_backward` take it as a static argument, so jit's cache
+  tells settings apart: without it, a variant traced after the default at the same shapes
+  silently reused the default's kernels (a bench or test setting these changed nothing)."""
+  freeze = lambda x: tuple(sorted(x.items())) if isinstance(x, dict) else x
+  return freeze(NUM_WARPS), freeze(NUM_STAGES), BWD_V_TILES
+
+
 def _compiler_params(name):
   return pltriton.CompilerParams(num_warps=_for_kernel(NUM_WARPS, name, 4),
                                  num_stages=_for_kernel(NUM_STAGES, name, 1))
@@ -336,14 +345,15 @@ def forward(q, k, v, g, h0, *, scale, reverse, chunk=None, diag=None, block_chun
   chunk, diag = chunk or CHUNK, diag or DIAG
   size, _ = _blocks(q.shape[1] // chunk, block_chunks, chunk)
   return _forward(q, k, v, g, h0, scale=scale, reverse=reverse, chunk=chunk, size=size,
-                  diag=diag, store=not RECOMPUTE_STATES, interpret=interpret)
+                  diag=diag, store=not RECOMPUTE_STATES, interpret=interpret, tuning=_tuning())
 
 
-_STATIC = ("scale", "reverse", "chunk", "size", "diag", "store", "interpret")
+_STATIC = ("scale", "reverse", "chunk", "size", "diag", "store", "interpret", "tuning")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _forward(q, k, v, g, h0, *, scale, reverse, chunk, size, diag, store, interpret):
+def _forward(q, k, v, g, h0, *, scale, reverse, chunk, size, diag, store, interpret, tuning):
+  del tuning  # a cache key only (`_tuning`): the kernels read the module settings
   b, t, h, kd = q.shape
   vd = v.shape[-1]
   n_chunks = t // chunk
@@ -402,12 +412,14 @@ def backward(q, k, v, g, do, residuals, dht, dg0, *, scale, reverse, interpret=F
   *residuals, marker = residuals
   size, chunk, diag, stored, _ = marker.shape
   return _backward(q, k, v, g, do, tuple(residuals), dht, scale=scale, reverse=reverse,
-                   chunk=chunk, size=size, diag=diag, store=stored == 2, interpret=interpret)
+                   chunk=chunk, size=size, diag=diag, store=stored == 2, interpret=interpret,
+                   tuning=_tuning())
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def _backward(q, k, v, g, do, residuals, dht, *, scale, reverse, chunk, size, diag, store,
-              interpret):
+              interpret, tuning):
+  del tuning  # a cache key only (`_tuning`)
   states, s_out, lam = residuals  # states: entering each chunk if stored, else each block
   b, t, h, kd = q.shape
   vd = v.shape[-1]
