@@ -86,7 +86,7 @@ def _n_sets(nbytes):
 
 
 _SETTINGS = {"C": "CHUNK", "D": "DIAG", "L": "BLOCK_CHUNKS", "S": "RECOMPUTE_STATES",
-             "N": "NUM_STAGES", "V": "BWD_V_TILES"}
+             "N": "NUM_STAGES"}
 _WARPS_OF = {"W": "default", "F": "gla_fwd", "B": "gla_bwd"}  # warps: all, forward, backward
 
 
@@ -107,7 +107,7 @@ def _variant_fn(variant):
   """(label, f(q, k, v, g) -> o, pallas_gpu settings) of one `--variants` entry: letters
   C (chunk), D (diagonal block of chunk_math's scheme), L (chunks per sequence block),
   S (1: the backward recomputes the per-chunk states, 0: the forward stores them),
-  N (software-pipelining stages of every kernel's chunk loop), V (V tiles of the backward walk),
+  N (software-pipelining stages of every kernel's chunk loop),
   W (warps of every kernel), F / B (warps of the forward / backward output kernel), each
   followed by a number, e.g. C64D16B8; or old=PATH."""
   if variant.startswith("old="):
@@ -222,7 +222,7 @@ def main(argv=None):
   parser.add_argument("--variants", default="",
                       help="comma-separated GPU kernel settings: C<chunk>, D<diag block>, "
                            "L<chunks per block>, S<1 recompute / 0 store chunk states>, "
-                           "N<pipelining stages>, V<backward V tiles>, W<warps>, "
+                           "N<pipelining stages>, W<warps>, "
                            "F/B<forward/backward kernel warps>, "
                            "combined (C64D16B8); or old=PATH")
   args = parser.parse_args(argv)

@@ -202,8 +202,7 @@ def test_kernel_bench_variants_set_and_restore_gpu_settings():
     assert (pallas_gpu.CHUNK, pallas_gpu.DIAG, pallas_gpu.BLOCK_CHUNKS) == (64, 8, 2)
   assert (pallas_gpu.CHUNK, pallas_gpu.DIAG, pallas_gpu.NUM_WARPS) == before
   assert pallas_gpu.BLOCK_CHUNKS is None
-  assert kbench._variant_fn("N3V2S0")[2] == {"NUM_STAGES": 3, "BWD_V_TILES": 2,
-                                             "RECOMPUTE_STATES": 0}
+  assert kbench._variant_fn("N3S0")[2] == {"NUM_STAGES": 3, "RECOMPUTE_STATES": 0}
   for bad in ("X3", "C", "C32x"):
     with pytest.raises(ValueError, match="expected letters"):
       kbench._variant_fn(bad)

@@ -99,35 +99,24 @@ def test_gpu_kernel_exact_scheme(monkeypatch, case):
   _check_case("pallas_gpu", case)
 
 
-# The backward walk split into V tiles (dq, dk, dg summed over tiles), with one and many blocks.
-@pytest.mark.parametrize("case,block_chunks", [
-    ("T%C!=0, K=36 V=72, h0", None),              # V padded to 128: 2 tiles of 64
-    ("bf16 K=32 V=64, reverse, h0", 2),
-    ("bf16 K=32 V=64, strong, T=300", 3),
-])
-def test_gpu_kernel_backward_v_tiles(monkeypatch, case, block_chunks):
-  monkeypatch.setattr(pallas_gpu, "BWD_V_TILES", 2)
-  monkeypatch.setattr(pallas_gpu, "BLOCK_CHUNKS", block_chunks)
-  _check_case("pallas_gpu", case)
-
-
 def test_gpu_settings_changed_after_a_trace_take_effect(monkeypatch):
-  """Settings the kernels read while traced (here the backward's V tiles) reach the kernels even
-  when the same shapes were traced before with other settings (the jit cache once reused the
-  first trace's kernels, so bench variants and tests setting them changed nothing)."""
+  """Settings the kernels read while traced (here the backward walk's warps) reach the kernels
+  even when the same shapes were traced before with other settings (the jit cache once reused
+  the first trace's kernels, so bench variants and tests setting them changed nothing)."""
   (q, k, v, g, _), (do, _) = _inputs(0, 1, 64, 2, 32, 64, jnp.float32, False)
 
-  def backward_grid(tiles):
-    monkeypatch.setattr(pallas_gpu, "BWD_V_TILES", tiles)
+  def backward_warps(warps):
+    monkeypatch.setattr(pallas_gpu, "NUM_WARPS", {"default": 4, "gla_bwd": warps})
     f = lambda *a: chunk_gla(*a, backend="pallas_gpu", interpret=True)[0]
     jaxpr = jax.make_jaxpr(lambda *a: jax.vjp(f, *a)[1](do))(q, k, v, g).jaxpr
-    calls = [e for e in _eqns(jaxpr) if e.primitive.name == "pallas_call"]
-    return [tuple(e.params["grid_mapping"].grid) for e in calls
-            if "gla_bwd" == str(e.params["name"])]
+    calls = [e for e in _eqns(jaxpr)
+             if e.primitive.name == "pallas_call" and str(e.params["name"]) == "gla_bwd"]
+    params = [e.params["compiler_params"] for e in calls]
+    return [(p["triton"] if isinstance(p, dict) else p).num_warps for p in params]
 
-  assert backward_grid(1) == [(1, 2, 1)]
-  assert backward_grid(4) == [(1, 2, 4)]
-  assert backward_grid(1) == [(1, 2, 1)]
+  assert backward_warps(4) == [4]
+  assert backward_warps(2) == [2]
+  assert backward_warps(8) == [8]
 
 
 # Chunks of 32 rows (a bench setting) take the other in-chunk path of the diag scheme: an
@@ -201,11 +190,9 @@ def test_forward_and_backward_lower(backend, platform, dtype, reverse):
   assert text.count(marker) >= 2, "expected a forward and a backward kernel"
 
 
-@pytest.mark.parametrize("v_tiles", [1, 2])
-def test_gpu_sequence_blocks_lower(monkeypatch, v_tiles):
+def test_gpu_sequence_blocks_lower():
   """At T = 4096 the GPU kernel runs five kernels: block states and outputs forward; block
-  gradient states, recomputed chunk states and gradients backward (in V tiles or not)."""
-  monkeypatch.setattr(pallas_gpu, "BWD_V_TILES", v_tiles)
+  gradient states, recomputed chunk states and gradients backward."""
   b, t, h, kd, vd = 1, 4096, 2, 32, 64
 
   def loss(q, k, v, g):

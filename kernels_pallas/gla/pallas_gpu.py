@@ -73,11 +73,6 @@ BLOCK_CHUNKS = None
 # DiG-S/2 at 16k tokens a step). Measured cost: 8-11 % of the kernel's fwd+bwd time on an H100
 # (BENCHMARKS.md). False keeps the forward's states.
 RECOMPUTE_STATES = True
-# V tiles of the backward walk (`gla_bwd`): its programs hold all of a chunk's backward in
-# registers and spill (255 registers, 12 % occupancy; BENCHMARKS.md); with n tiles each holds
-# 1/n of the state, its gradient, v and do, and dq, dk, dg are summed over the tiles by XLA
-# (float32 shares: 12 K bytes per token and head written and read per tile). Not yet timed.
-BWD_V_TILES = 1
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -214,11 +209,9 @@ def _bwd_states_kernel(q_ref, g_ref, do_ref, w_ref, *, chunk, n_chunks, size, sc
 
 
 def _bwd_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, states_ref, ds_ref, dgc_ref,
-                dq_ref, dk_ref, dg_ref, dv_ref, ds_in_ref, *, chunk, n_chunks, size, nv, scale,
+                dq_ref, dk_ref, dv_ref, dg_ref, ds_in_ref, *, chunk, n_chunks, size, scale,
                 reverse, diag):
-  """One V tile of a block (all of V when nv == 1): dv, the state gradient and, for nv > 1,
-  this tile's share of dq, dk and dg (they are sums over V; the caller adds the tiles)."""
-  walk = _Walk(pl.program_id(2) // nv, n_chunks, size, chunk, reverse, diag)
+  walk = _Walk(pl.program_id(2), n_chunks, size, chunk, reverse, diag)
 
   def step(n, carry):
     dstate, dg_carry = carry
@@ -253,12 +246,12 @@ def _for_kernel(setting, name, default):
 
 
 def _tuning():
-  """The settings the kernels read while traced (warps, stages, backward V tiles), as a
-  hashable value. `_forward` and `_backward` take it as a static argument, so jit's cache
+  """The settings the kernels read while traced (warps and pipelining stages), as a hashable
+  value. `_forward` and `_backward` take it as a static argument, so jit's cache
   tells settings apart: without it, a variant traced after the default at the same shapes
   silently reused the default's kernels (a bench or test setting these changed nothing)."""
   freeze = lambda x: tuple(sorted(x.items())) if isinstance(x, dict) else x
-  return freeze(NUM_WARPS), freeze(NUM_STAGES), BWD_V_TILES
+  return freeze(NUM_WARPS), freeze(NUM_STAGES)
 
 
 def _compiler_params(name):
@@ -428,7 +421,7 @@ def _backward(q, k, v, g, do, residuals, dht, *, scale, reverse, chunk, size, di
   common = dict(chunk=chunk, n_chunks=n_chunks, size=size, scale=scale, reverse=reverse,
                 diag=diag)
   f32 = jnp.float32
-  qk = _seq_spec(t, kd)
+  qk, vs = _seq_spec(t, kd), _seq_spec(t, vd)
   if not store:
     states = _chunk_states(k, v, g, states, chunk=chunk, n_chunks=n_chunks, size=size,
                            reverse=reverse, diag=diag, interpret=interpret)
@@ -437,29 +430,15 @@ def _backward(q, k, v, g, do, residuals, dht, *, scale, reverse, chunk, size, di
   else:
     w_local = _bwd_block_states(q, g, do, **common, interpret=interpret)
     ds_out = _dstates_leaving(w_local, lam, dht)
-  # V tiles of the backward walk: each program holds 1/nv of the state, its gradient, v and do
-  # (fewer registers, nv x the programs); dq, dk, dg and the dg carry are sums over V, so each
-  # tile writes its float32 share and XLA adds them.
-  nv = max(1, min(BWD_V_TILES, vd // 16))
-  # dg carry at each block's end, per V tile: [B, H, NB, nv, K]
-  dgc = jnp.sum((s_out * ds_out).reshape(b, h, nb, kd, nv, vd // nv), axis=-1)
-  dgc = dgc.transpose(0, 1, 2, 4, 3)
-  vs = _seq_spec(t, vd, nv)
-  if nv == 1:
-    shares = [qk, qk, qk]
-    share_shapes = [jax.ShapeDtypeStruct(q.shape, q.dtype),
-                    jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(g.shape, f32)]
-  else:
-    shares = [pl.BlockSpec((None, None, t, None, kd), lambda b, h, j: (j % nv, b, 0, h, 0))] * 3
-    share_shapes = [jax.ShapeDtypeStruct((nv,) + q.shape, f32)] * 3
-  dq, dk, dg, dv, ds_in = _call(
-      functools.partial(_bwd_kernel, nv=nv, **common), (b, h, nb * nv),
-      [qk, qk, vs, qk, vs, _chunk_states_spec(n_chunks, kd, vd, nv), _block_spec(kd, vd, nv),
-       pl.BlockSpec((None, None, None, 1, kd), lambda b, h, j: (b, h, j // nv, j % nv, 0))],
-      shares + [vs, _block_spec(kd, vd, nv)],
-      share_shapes + [jax.ShapeDtypeStruct(v.shape, v.dtype),
-                      jax.ShapeDtypeStruct((b, h, nb, kd, vd), f32)], "gla_bwd", interpret,
+  dgc = jnp.sum(s_out * ds_out, axis=-1)[:, :, :, None, :]  # dg carry at each block's end
+  dq, dk, dv, dg, ds_in = _call(
+      functools.partial(_bwd_kernel, **common), (b, h, nb),
+      [qk, qk, vs, qk, vs,
+       pl.BlockSpec((None, None, n_chunks, kd, vd), lambda b, h, j: (b, h, 0, 0, 0)),
+       _block_spec(kd, vd), _block_spec(1, kd)],
+      [qk, qk, vs, qk, _block_spec(kd, vd)],
+      [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
+       jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct(g.shape, f32),
+       jax.ShapeDtypeStruct((b, h, nb, kd, vd), f32)], "gla_bwd", interpret,
   )(q, k, v, g, do, states, ds_out, dgc)
-  if nv > 1:
-    dq, dk, dg = dq.sum(0).astype(q.dtype), dk.sum(0).astype(k.dtype), dg.sum(0)
   return dq, dk, dv, dg, ds_in[:, :, 0]
