@@ -60,7 +60,7 @@ def resolve_backend(backend: str, x) -> str:
   """Maps "auto" to the backend for the platform of `x`; validates explicit choices.
 
   GPU rule, by measurement (BENCHMARKS.md, one H100): "auto" is pallas_gpu, which beat the jnp
-  reference at all four anchor shapes (4.3x to 8.8x fwd+bwd). pallas_gpu picks its own sequence
+  reference at all four anchor shapes (4.0x to 7.7x fwd+bwd). pallas_gpu picks its own sequence
   split (`pallas_gpu.block_chunks_for`: 256 tokens per block, so one block and no state passes
   when T <= 256, where one block measured fastest)."""
   if backend not in BACKENDS:
