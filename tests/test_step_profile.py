@@ -1,0 +1,47 @@
+"""scripts/step_profile.py's attribution: kernel events named like the fusions of a real
+compiled HLO module get the model source line of the op that made them."""
+import inspect
+import os
+import re
+import sys
+
+import jax
+import jax.numpy as jnp
+
+from dig_jax.models import layers
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
+import step_profile  # noqa: E402
+
+
+def test_kernel_time_goes_to_the_model_line_of_its_fusion():
+  two_norms = jax.jit(lambda a, b: (layers.layer_norm(a), layers.layer_norm(b)))
+  hlo = two_norms.lower(jnp.ones((4, 8)), jnp.ones((3, 16))).compile().as_text()
+  fusions = re.findall(r"^\s*(?:ROOT )?%?([\w.\-]*fusion[\w.\-]*) = ", hlo, re.M)
+  assert any("." in f for f in fusions), fusions  # numbered: "x_fusion.1"
+  # Kernel names as a GPU trace spells them ("fusion.3" -> "fusion_3"), 2 steps, plus a
+  # library kernel that is no HLO op of the model.
+  events = [{"name": f.replace(".", "_"), "dur": 10.0 * (i + 1)} for i, f in enumerate(fusions)]
+  events.append({"name": "sm90_xmma_gemm_bf16", "dur": 7.0})
+  lines, ops, kernels, info = step_profile.attribute(events, hlo, steps=2)
+
+  source, first = inspect.getsourcelines(layers.layer_norm)
+  model_lines = {k for k in lines if k.startswith("layers.py:")}
+  assert model_lines and all(
+      first <= int(k.split(":")[1].split()[0]) < first + len(source) and k.endswith("layer_norm")
+      for k in model_lines)
+  fusion_us = sum(e["dur"] for e in events[:-1]) / 2
+  assert abs(sum(lines[k] for k in model_lines) - fusion_us) < 1e-9
+  assert lines["-"] == 3.5 and kernels["sm90_xmma_gemm_bf16"] == 3.5
+  assert info["sm90_xmma_gemm_bf16"][0] == 0.5  # launches per step
+  assert abs(sum(ops.values()) - sum(kernels.values())) < 1e-9
+
+
+def test_gpu_kernel_events_keep_the_device_rows_only():
+  trace = {"traceEvents": [
+      {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+      {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}},
+      {"ph": "X", "pid": 1, "name": "fusion_1", "dur": 5},
+      {"ph": "X", "pid": 2, "name": "PjitFunction", "dur": 50},
+      {"ph": "i", "pid": 1, "name": "marker"}]}
+  assert [e["name"] for e in step_profile.gpu_kernel_events(trace)] == ["fusion_1"]
