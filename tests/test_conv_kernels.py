@@ -15,33 +15,33 @@ from kernels_pallas.conv import depthwise_conv3x3, pallas_gpu
 from kernels_pallas.conv.api import resolve_backend
 
 
-def _numpy_conv(x, kernel, bias):
-  """y[n, r, c] = bias + sum_ij kernel[i, j] * x[n, r + i - 1, c + j - 1] (zero outside)."""
-  n, h, w, d = x.shape
-  y = np.broadcast_to(bias, x.shape).astype(np.float64)
+def _neighbours(h, w):
+  """(i, j, r, c, rr, cc) for every tap (i, j) and output pixel (r, c) whose input pixel
+  (rr, cc) = (r + i - 1, c + j - 1) lies inside the grid."""
   for i in range(3):
     for j in range(3):
       for r in range(h):
         for c in range(w):
           rr, cc = r + i - 1, c + j - 1
           if 0 <= rr < h and 0 <= cc < w:
-            y[:, r, c] += kernel[i, j] * x[:, rr, cc]
+            yield i, j, r, c, rr, cc
+
+
+def _numpy_conv(x, kernel, bias):
+  """y[n, r, c] = bias + sum_ij kernel[i, j] * x[n, r + i - 1, c + j - 1] (zero outside)."""
+  y = np.broadcast_to(bias, x.shape).astype(np.float64)
+  for i, j, r, c, rr, cc in _neighbours(*x.shape[1:3]):
+    y[:, r, c] += kernel[i, j] * x[:, rr, cc]
   return y
 
 
 def _numpy_grads(x, kernel, dy):
-  """dx, dkernel, dbias of sum(conv(x) * dy), by the same loops."""
-  n, h, w, d = x.shape
+  """dx, dkernel, dbias of sum(conv(x) * dy), over the same neighbours."""
   dx = np.zeros_like(x)
-  dk = np.zeros((3, 3, d))
-  for i in range(3):
-    for j in range(3):
-      for r in range(h):
-        for c in range(w):
-          rr, cc = r + i - 1, c + j - 1
-          if 0 <= rr < h and 0 <= cc < w:
-            dx[:, rr, cc] += kernel[i, j] * dy[:, r, c]
-            dk[i, j] += np.sum(x[:, rr, cc] * dy[:, r, c], axis=0)
+  dk = np.zeros((3, 3, x.shape[-1]))
+  for i, j, r, c, rr, cc in _neighbours(*x.shape[1:3]):
+    dx[:, rr, cc] += kernel[i, j] * dy[:, r, c]
+    dk[i, j] += np.sum(x[:, rr, cc] * dy[:, r, c], axis=0)
   return dx, dk, dy.sum(axis=(0, 1, 2))
 
 

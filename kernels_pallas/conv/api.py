@@ -2,19 +2,11 @@
 jnp form elsewhere)."""
 from __future__ import annotations
 
-import jax
-
 from kernels_pallas import batch_sharding
 from kernels_pallas.conv import pallas_gpu, reference
+from kernels_pallas.platform import platform_of
 
 BACKENDS = ("auto", "reference", "pallas_gpu")
-
-
-def _platform(x) -> str:
-  try:
-    return next(iter(x.devices())).platform
-  except Exception:  # a tracer under jit: use the default backend
-    return jax.default_backend()
 
 
 def resolve_backend(backend: str, x) -> str:
@@ -25,7 +17,7 @@ def resolve_backend(backend: str, x) -> str:
                      f"{BACKENDS}")
   if backend != "auto":
     return backend
-  on_gpu = _platform(x) in ("gpu", "cuda")
+  on_gpu = platform_of(x) in ("gpu", "cuda")
   return "pallas_gpu" if on_gpu and pallas_gpu.supports(*x.shape[1:]) else "reference"
 
 

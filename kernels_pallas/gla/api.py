@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from kernels_pallas import batch_sharding
 from kernels_pallas.gla import pallas_gpu, pallas_tpu, reference
+from kernels_pallas.platform import platform_of
 
 BACKENDS = ("auto", "reference", "pallas_gpu", "pallas_tpu")
 _INPUT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
@@ -49,13 +50,6 @@ def _check_kernel_limits(q, v, backend):
                        f"use backend='reference'")
 
 
-def _platform(x) -> str:
-  try:
-    return next(iter(x.devices())).platform
-  except Exception:  # a tracer under jit: use the default backend
-    return jax.default_backend()
-
-
 def resolve_backend(backend: str, x) -> str:
   """Maps "auto" to the backend for the platform of `x`; validates explicit choices.
 
@@ -68,7 +62,7 @@ def resolve_backend(backend: str, x) -> str:
   if backend != "auto":
     return backend
   return {"gpu": "pallas_gpu", "cuda": "pallas_gpu", "tpu": "pallas_tpu"}.get(
-      _platform(x), "reference")
+      platform_of(x), "reference")
 
 
 def _next_pow2(n):
