@@ -3,14 +3,14 @@ backward (dx, and per-block shares of the kernel and bias gradients, summed by X
 
 Why: XLA runs the jnp form's backward as padded copies, two multi-output reductions and nine
 small reductions. On an H100, fwd+bwd at DiG-S/2 256 px, batch 64 ([64, 16, 16, 384] bf16):
-240 us for the jnp form, 123 us for this kernel; at 1792 px, batch 1: 126 vs 100 us (BENCHMARKS.md).
+240 us for the jnp form, 123 us for this kernel's first version; BENCHMARKS.md has the current
+figures.
 
-Layout: the grid's tokens are flattened, [N, T = h * w, D], and padded by w + 1 zero tokens at
-each end, so the nine taps of a block of tokens are nine in-bounds loads at offsets
-(i - 1) * w + (j - 1): rows above the first and below the last read the padding, and taps
-whose column leaves the grid (a row's first and last columns) are masked. Blocks: BLOCK_T
-tokens (or T's largest power-of-two factor if smaller, at least MIN_BLOCK_T: `supports`) by
-BLOCK_D channels, the best of seven shapes measured.
+Layout: the grid's tokens are flattened, [N, T = h * w, D], and read unpadded: the nine taps of
+a block of tokens are nine loads at token offsets (i - 1) * w + (j - 1), masked where the tap's
+row or column leaves the grid. No zero-padded copy of x or dy is made: in a training step those
+two copies cost about half as much as the backward kernel. Blocks: BLOCK_T tokens (or T's largest
+power-of-two factor if smaller, at least MIN_BLOCK_T: `supports`) by BLOCK_D channels.
 """
 from __future__ import annotations
 
@@ -21,10 +21,13 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-BLOCK_T = 128  # tokens per program (fewer when T has a smaller power-of-two factor)
-BLOCK_D = 64   # channels per program (a power of two dividing D, at most this)
+# Tile: the best of 6 forward and 8 backward shapes measured in 12-layer chains on an H100
+# (BENCHMARKS.md); walking several token blocks per backward program, with the kernel-gradient
+# sums kept across them, was slower at every shape.
+BLOCK_T = 64  # tokens per program (fewer when T has a smaller power-of-two factor)
+BLOCK_D = 64  # channels per program (a power of two dividing D, at most this)
 MIN_BLOCK_T = 16
-NUM_WARPS = 8
+NUM_WARPS = 4
 _TAPS = tuple((i, j) for i in range(3) for j in range(3))
 
 
@@ -45,20 +48,21 @@ def supports(h, w, d):
   return bt >= min(MIN_BLOCK_T, BLOCK_T) and bd >= 16
 
 
-def _pad_tokens(x, w):
-  """[N, h, w, D] -> [N, T + 2 (w + 1), D] with w + 1 zero tokens at each end."""
-  n, h, _, d = x.shape
-  return jnp.pad(x.reshape(n, h * w, d), ((0, 0), (w + 1, w + 1), (0, 0)))
-
-
-def _tap(ref, t0, w, bt, i, j):
-  """[bt, bd] float32 block of tap (i, j) for tokens t0 .. t0 + bt - 1: the token (i - 1) rows
-  and (j - 1) columns away, zero where that column leaves the grid."""
-  x = ref[pl.ds(t0 + (w + 1) + (i - 1) * w + (j - 1), bt), :].astype(jnp.float32)
-  if j == 1:
-    return x
-  col = (t0 + jax.lax.broadcasted_iota(jnp.int32, (bt, 1), 0)) % w
-  return jnp.where((col != 0) if j == 0 else (col != w - 1), x, 0.0)
+def _tap(ref, t0, t, w, bt, i, j):
+  """[bt, bd] float32 block of tap (i, j) for tokens t0 .. t0 + bt - 1 of a [T, bd] ref: the
+  token (i - 1) rows and (j - 1) columns away, zero where that row or column leaves the grid."""
+  if (i, j) == (1, 1):
+    return ref[pl.ds(t0, bt), :].astype(jnp.float32)
+  bd = ref.shape[1]
+  token = t0 + jax.lax.broadcasted_iota(jnp.int32, (bt, 1), 0)
+  src = token + (i - 1) * w + (j - 1)
+  ok = (src >= 0) & (src < t)  # the row above the first / below the last
+  col = token % w
+  if j != 1:
+    ok &= (col != 0) if j == 0 else (col != w - 1)
+  channels = jax.lax.broadcasted_iota(jnp.int32, (1, bd), 1)
+  x = pltriton.load(ref.at[src, channels], mask=jnp.broadcast_to(ok, (bt, bd)), other=0.0)
+  return x.astype(jnp.float32)
 
 
 def _tap_weights(k_ref, tap):  # [1, bd] float32 (rows of k_ref: the taps in (i, j) order)
@@ -67,25 +71,27 @@ def _tap_weights(k_ref, tap):  # [1, bd] float32 (rows of k_ref: the taps in (i,
 
 # Each tap is loaded, used and dropped before the next one (one [bt, bd] block live besides the
 # accumulators): all nine live at once spilled registers.
-def _fwd_kernel(xp_ref, k_ref, b_ref, y_ref, *, w, bt):
+def _fwd_kernel(x_ref, k_ref, b_ref, y_ref, *, w, bt):
+  t = x_ref.shape[0]
   t0 = pl.multiple_of(pl.program_id(1) * bt, bt)
   acc = b_ref[...].astype(jnp.float32)  # [1, bd]
   for tap, (i, j) in enumerate(_TAPS):
-    acc = acc + _tap(xp_ref, t0, w, bt, i, j) * _tap_weights(k_ref, tap)
+    acc = acc + _tap(x_ref, t0, t, w, bt, i, j) * _tap_weights(k_ref, tap)
   y_ref[pl.ds(t0, bt), :] = acc.astype(y_ref.dtype)
 
 
-def _bwd_kernel(xp_ref, dyp_ref, k_ref, dx_ref, dk_ref, *, w, bt):
+def _bwd_kernel(x_ref, dy_ref, k_ref, dx_ref, dk_ref, *, w, bt):
   """dx = the same conv of dy with the kernel rotated 180 degrees; dk[tap] and dbias (row 9):
   this block's sums of x_tap * dy and of dy."""
+  t = x_ref.shape[0]
   t0 = pl.multiple_of(pl.program_id(1) * bt, bt)
   dx = 0.0
   for tap, (i, j) in enumerate(_TAPS):  # tap (i, j) of the rotated kernel is (2 - i, 2 - j)
-    dx = dx + _tap(dyp_ref, t0, w, bt, i, j) * _tap_weights(k_ref, 8 - tap)
+    dx = dx + _tap(dy_ref, t0, t, w, bt, i, j) * _tap_weights(k_ref, 8 - tap)
   dx_ref[pl.ds(t0, bt), :] = dx.astype(dx_ref.dtype)
-  dy = _tap(dyp_ref, t0, w, bt, 1, 1)  # dy of the block itself
+  dy = _tap(dy_ref, t0, t, w, bt, 1, 1)  # dy of the block itself
   for tap, (i, j) in enumerate(_TAPS):
-    dk_ref[pl.ds(tap, 1), :] = jnp.sum(_tap(xp_ref, t0, w, bt, i, j) * dy, axis=0,
+    dk_ref[pl.ds(tap, 1), :] = jnp.sum(_tap(x_ref, t0, t, w, bt, i, j) * dy, axis=0,
                                        keepdims=True)
   dk_ref[pl.ds(9, 1), :] = jnp.sum(dy, axis=0, keepdims=True)
 
@@ -97,38 +103,36 @@ def _kernel_rows(kernel):
   return jnp.pad(kernel.reshape(9, d).astype(jnp.float32), ((0, 7), (0, 0)))
 
 
-def _conv_fwd_call(xp, kernel16, bias, *, h, w, interpret):
-  n, _, d = xp.shape
-  t = h * w
+def _conv_fwd_call(x, kernel16, bias, *, w, interpret):
+  n, t, d = x.shape
   bt, bd = blocks(t, d)
+  whole = pl.BlockSpec((None, t, bd), lambda b, i, c: (b, 0, c))
   return pl.pallas_call(
       functools.partial(_fwd_kernel, w=w, bt=bt), grid=(n, t // bt, d // bd),
-      in_specs=[pl.BlockSpec((None, xp.shape[1], bd), lambda b, i, c: (b, 0, c)),
-                pl.BlockSpec((16, bd), lambda b, i, c: (0, c)),
+      in_specs=[whole, pl.BlockSpec((16, bd), lambda b, i, c: (0, c)),
                 pl.BlockSpec((1, bd), lambda b, i, c: (0, c))],
-      out_specs=pl.BlockSpec((None, t, bd), lambda b, i, c: (b, 0, c)),
-      out_shape=jax.ShapeDtypeStruct((n, t, d), xp.dtype),
+      out_specs=whole,
+      out_shape=jax.ShapeDtypeStruct((n, t, d), x.dtype),
       compiler_params=pltriton.CompilerParams(num_warps=NUM_WARPS, num_stages=1),
       interpret=interpret, name="depthwise_conv_fwd",
-  )(xp, kernel16, bias.reshape(1, d))
+  )(x, kernel16, bias.reshape(1, d))
 
 
-def _conv_bwd_call(xp, dyp, kernel16, *, h, w, interpret):
-  n, tp, d = xp.shape
-  t = h * w
+def _conv_bwd_call(x, dy, kernel16, *, w, interpret):
+  n, t, d = x.shape
   bt, bd = blocks(t, d)
   nb = t // bt
-  padded = pl.BlockSpec((None, tp, bd), lambda b, i, c: (b, 0, c))
+  whole = pl.BlockSpec((None, t, bd), lambda b, i, c: (b, 0, c))
   return pl.pallas_call(
-      functools.partial(_bwd_kernel, w=w, bt=bt), grid=(n, nb, d // bd),
-      in_specs=[padded, padded, pl.BlockSpec((16, bd), lambda b, i, c: (0, c))],
-      out_specs=[pl.BlockSpec((None, t, bd), lambda b, i, c: (b, 0, c)),
-                 pl.BlockSpec((None, None, 16, bd), lambda b, i, c: (b, i, 0, c))],
-      out_shape=[jax.ShapeDtypeStruct((n, t, d), dyp.dtype),
+      functools.partial(_bwd_kernel, w=w, bt=bt),
+      grid=(n, nb, d // bd),
+      in_specs=[whole, whole, pl.BlockSpec((16, bd), lambda b, i, c: (0, c))],
+      out_specs=[whole, pl.BlockSpec((None, None, 16, bd), lambda b, i, c: (b, i, 0, c))],
+      out_shape=[jax.ShapeDtypeStruct((n, t, d), dy.dtype),
                  jax.ShapeDtypeStruct((n, nb, 16, d), jnp.float32)],  # rows 10-15 unused
       compiler_params=pltriton.CompilerParams(num_warps=NUM_WARPS, num_stages=1),
       interpret=interpret, name="depthwise_conv_bwd",
-  )(xp, dyp, kernel16)
+  )(x, dy, kernel16)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -137,20 +141,22 @@ def depthwise_conv3x3(x, kernel, bias, interpret=False):
   return _forward(x, kernel, bias, interpret)[0]
 
 
+def _tokens(x):  # [N, h, w, D] -> [N, h * w, D]
+  return x.reshape(x.shape[0], -1, x.shape[-1])
+
+
 def _forward(x, kernel, bias, interpret):
-  n, h, w, d = x.shape
-  xp = _pad_tokens(x, w)
-  y = _conv_fwd_call(xp, _kernel_rows(kernel), bias, h=h, w=w, interpret=interpret)
-  return y.reshape(n, h, w, d), (xp, kernel, bias)
+  y = _conv_fwd_call(_tokens(x), _kernel_rows(kernel), bias, w=x.shape[2], interpret=interpret)
+  return y.reshape(x.shape), (x, kernel, bias)
 
 
 def _backward(interpret, residuals, dy):
-  xp, kernel, bias = residuals
-  n, h, w, d = dy.shape
-  dx, shares = _conv_bwd_call(xp, _pad_tokens(dy, w), _kernel_rows(kernel), h=h, w=w,
+  x, kernel, bias = residuals
+  d = x.shape[-1]
+  dx, shares = _conv_bwd_call(_tokens(x), _tokens(dy), _kernel_rows(kernel), w=x.shape[2],
                               interpret=interpret)
   sums = jnp.sum(shares, axis=(0, 1))
-  return (dx.reshape(n, h, w, d), sums[:9].reshape(3, 3, d).astype(kernel.dtype),
+  return (dx.reshape(x.shape), sums[:9].reshape(3, 3, d).astype(kernel.dtype),
           sums[9].astype(bias.dtype))
 
 
