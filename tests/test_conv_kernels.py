@@ -136,3 +136,27 @@ def test_kernel_runs_per_batch_shard_on_8_devices():
   assert result["num_devices"] == 8
   assert result["kernel_batch_sizes"] and set(result["kernel_batch_sizes"]) == {2}
   assert result["loss_rel_err"] < 1e-5 and max(result["grad_rel_errs"]) < 1e-5
+
+
+def test_bench_cli_times_and_checks_the_chain(tmp_path, capsys):
+  from kernels_pallas.conv import bench
+  out = tmp_path / "conv.json"
+  tile = (pallas_gpu.BLOCK_T, pallas_gpu.BLOCK_D, pallas_gpu.NUM_WARPS)
+  bench.main(["--shape", "2,8,8,32", "--layers", "2", "--runs", "2", "--interpret", "--check",
+              "--tile", "16,16,2", "--json", str(out)])
+  result = json.loads(out.read_text())
+  assert [r["backend"] for r in result["rows"]] == ["reference", "pallas_gpu",
+                                                    "pallas_gpu tile (16, 16, 2)"]
+  assert all(r["fwd_us"] > 0 and r["fwd_bwd_us"] > 0 for r in result["rows"])
+  assert result["check"]["2,8,8,32"] < 1e-6
+  assert (pallas_gpu.BLOCK_T, pallas_gpu.BLOCK_D, pallas_gpu.NUM_WARPS) == tile  # restored
+  assert "| 2,8,8,32 | pallas_gpu |" in capsys.readouterr().out
+  with pytest.raises(SystemExit):
+    bench.main(["--shape", "2,8,8"])
+
+
+def test_bench_chain_check_sees_a_wrong_kernel(monkeypatch):
+  """The bench's check is a real comparison: a kernel with a dropped tap fails it."""
+  from kernels_pallas.conv import bench
+  monkeypatch.setattr(pallas_gpu, "_TAPS", pallas_gpu._TAPS[:-1])
+  assert bench.check((2, 8, 8, 32), 2, interpret=True) > 1e-3

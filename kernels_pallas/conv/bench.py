@@ -1,0 +1,174 @@
+"""Benchmark of the depthwise conv backends: `python -m kernels_pallas.conv.bench [--shape
+N,h,w,D] [--tile TOKENS,CHANNELS,WARPS] [--check] [--json FILE]`.
+
+Times a chain of `--layers` convs (x -> conv -> conv ...), jitted: the forward, and `jax.grad`
+of the chain (forward + backward), reported per layer. A chain is how a training step runs
+them, so the copies XLA adds around a kernel are timed with it (a single call hides them).
+Shapes: DiG's at S/2 and XL/2, 256 px batch 64 and 1792 / 2048 px batch 1, bf16 activations.
+Backends: the jnp reference, and the Pallas kernel on GPUs (or anywhere with `--interpret`,
+for tests); `--tile` adds the kernel with other tiles, side by side. `--check` first compares
+the kernel's chain gradients with the reference's in float32.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import jax
+import jax.numpy as jnp
+
+from kernels_pallas.bench import HBM_BYTES_PER_S, _median_ms
+from kernels_pallas.conv import pallas_gpu, reference
+
+SHAPES = {  # name: (N, h, w, D)
+    "S/2@256": (64, 16, 16, 384),
+    "S/2@1792": (1, 112, 112, 384),
+    "XL/2@256": (64, 16, 16, 1152),
+    "XL/2@2048": (1, 128, 128, 1152),
+}
+
+
+def hbm_floor_us(shape, itemsize=2):
+  """Fewest bytes of one conv's fwd+bwd (read x, write y; read x and dy, write dx) over HBM
+  bandwidth, in microseconds."""
+  n, h, w, d = shape
+  return 5 * n * h * w * d * itemsize / HBM_BYTES_PER_S * 1e6
+
+
+def chain_fns(conv, layers):
+  """(forward, gradient) of `layers` convs in a chain, jitted: f(x, kernels, biases) and
+  g(x, kernels, biases, dy) -> grads of sum(chain(x) * dy) for x, kernels and biases."""
+  def forward(x, kernels, biases):
+    for i in range(layers):
+      x = conv(x, kernels[i], biases[i])
+    return x
+
+  def loss(x, kernels, biases, dy):
+    return jnp.sum(forward(x, kernels, biases).astype(jnp.float32) * dy)
+
+  return jax.jit(forward), jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+
+
+def chain_inputs(shape, layers, dtype=jnp.bfloat16, seed=0):
+  ks = jax.random.split(jax.random.PRNGKey(seed), 4)
+  d = shape[-1]
+  return (jax.random.normal(ks[0], shape, dtype),
+          0.3 * jax.random.normal(ks[1], (layers, 3, 3, d)),  # keeps the chain's scale
+          jax.random.normal(ks[2], (layers, d)), jax.random.normal(ks[3], shape))
+
+
+def _kernel(interpret):
+  return lambda x, k, b: pallas_gpu.depthwise_conv3x3(x, k, b, interpret)
+
+
+def _with_tile(tile, fn):
+  """fn() with pallas_gpu's tile set to (tokens, channels, warps); restored after."""
+  saved = pallas_gpu.BLOCK_T, pallas_gpu.BLOCK_D, pallas_gpu.NUM_WARPS
+  pallas_gpu.BLOCK_T, pallas_gpu.BLOCK_D, pallas_gpu.NUM_WARPS = tile
+  try:
+    return fn()
+  finally:
+    pallas_gpu.BLOCK_T, pallas_gpu.BLOCK_D, pallas_gpu.NUM_WARPS = saved
+
+
+def time_chain(conv, shape, layers, runs):
+  """(forward, forward + backward) microseconds per layer."""
+  forward, grad = chain_fns(conv, layers)
+  x, kernels, biases, dy = chain_inputs(shape, layers)
+  fwd = _median_ms(forward, [(x, kernels, biases)], runs)
+  both = _median_ms(grad, [(x, kernels, biases, dy)], runs)
+  return fwd * 1e3 / layers, both * 1e3 / layers
+
+
+def check(shape, layers, interpret):
+  """Largest relative RMS difference of the kernel's chain gradients from the reference's
+  (float32 inputs)."""
+  x, kernels, biases, dy = chain_inputs(shape, layers, jnp.float32, seed=1)
+  with jax.default_matmul_precision("highest"):
+    want = chain_fns(reference.depthwise_conv3x3, layers)[1](x, kernels, biases, dy)
+    got = chain_fns(_kernel(interpret), layers)[1](x, kernels, biases, dy)
+  rel = lambda a, b: float(jnp.sqrt(jnp.mean((a - b) ** 2) / jnp.mean(b ** 2)))
+  return max(rel(a, b) for a, b in zip(got, want))
+
+
+def _table(rows):
+  lines = ["| shape | backend | fwd us/layer | fwd+bwd us/layer | x floor | speed-up vs jnp |",
+           "|---|---|---|---|---|---|"]
+  for r in rows:
+    lines.append(f"| {r['shape']} | {r['backend']} | {r['fwd_us']:.1f} | {r['fwd_bwd_us']:.1f} | "
+                 f"{r['floor_multiple']:.1f} | {r['speedup_vs_reference']:.2f}x |")
+  return "\n".join(lines)
+
+
+def _parse_ints(text, count, what):
+  try:
+    values = tuple(int(v) for v in text.split(","))
+  except ValueError:
+    values = ()
+  if len(values) != count or min(values) < 1:
+    raise ValueError(f"{what} {text!r}: expected {count} positive integers separated by commas")
+  return values
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--shape", action="append", default=[],
+                      help="N,h,w,D instead of DiG's shapes (repeatable)")
+  parser.add_argument("--tile", action="append", default=[],
+                      help="TOKENS,CHANNELS,WARPS: also time the kernel with this tile "
+                           f"(default tile {pallas_gpu.BLOCK_T},{pallas_gpu.BLOCK_D},"
+                           f"{pallas_gpu.NUM_WARPS}; repeatable)")
+  parser.add_argument("--layers", type=int, default=12, help="convs in the timed chain")
+  parser.add_argument("--runs", type=int, default=20, help="timed runs per measurement")
+  parser.add_argument("--check", action="store_true",
+                      help="first compare the kernel's chain gradients with the reference")
+  parser.add_argument("--interpret", action="store_true",
+                      help="run the Pallas kernel in interpret mode (CPU; for tests)")
+  parser.add_argument("--json", help="write the rows to this file")
+  args = parser.parse_args(argv)
+  try:
+    shapes = ({s: _parse_ints(s, 4, "--shape") for s in args.shape} if args.shape
+              else dict(SHAPES))
+    tiles = [_parse_ints(t, 3, "--tile") for t in args.tile]
+  except ValueError as e:
+    parser.error(str(e))
+  if args.layers < 1 or args.runs < 1:
+    parser.error("--layers and --runs must be >= 1")
+  kernel = args.interpret or jax.default_backend() == "gpu"
+  if tiles and not kernel:
+    parser.error("--tile needs a GPU (or --interpret)")
+
+  rows, result = [], {"device": str(jax.devices()[0].device_kind), "layers": args.layers}
+  for name, shape in shapes.items():
+    if kernel and not pallas_gpu.supports(*shape[1:]):
+      print(f"{name}: the kernel does not support {shape}; timing the reference only")
+    if args.check and kernel and pallas_gpu.supports(*shape[1:]):
+      err = check(shape, min(args.layers, 4), args.interpret)
+      result.setdefault("check", {})[name] = err
+      print(f"{name}: kernel vs reference, float32 chain gradients: {err:.2e} relative RMS",
+            flush=True)
+    runs = [("reference", lambda s=shape: time_chain(reference.depthwise_conv3x3, s,
+                                                     args.layers, args.runs))]
+    if kernel and pallas_gpu.supports(*shape[1:]):
+      runs.append(("pallas_gpu", lambda s=shape: time_chain(_kernel(args.interpret), s,
+                                                            args.layers, args.runs)))
+      for tile in tiles:
+        runs.append((f"pallas_gpu tile {tile}", lambda s=shape, t=tile: _with_tile(
+            t, lambda: time_chain(_kernel(args.interpret), s, args.layers, args.runs))))
+    ref_us = None
+    for backend, run in runs:
+      fwd, both = run()
+      ref_us = ref_us or both
+      rows.append(dict(shape=name, backend=backend, fwd_us=fwd, fwd_bwd_us=both,
+                       floor_multiple=both / hbm_floor_us(shape),
+                       speedup_vs_reference=ref_us / both))
+      print(f"{name} {backend}: fwd {fwd:.1f} us, fwd+bwd {both:.1f} us per layer", flush=True)
+  print(_table(rows))
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(dict(result, rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
