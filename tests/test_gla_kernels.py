@@ -264,3 +264,28 @@ def test_backward_waits_for_the_cotangents():
   shapes = [tuple(x.aval.shape) for x in barriers[0].invars]
   assert shapes.count((b, t, h, vd)) == 2  # v and the output cotangent
   assert (b, h, kd, vd) in shapes  # the final-state cotangent (and the final state)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("backend", KERNELS)
+def test_score_factors_are_anchored_at_each_blocks_mid_row(reverse, backend):
+  """chunk_math's in-chunk score factors against numpy: for every halving level, rows get
+  exp(-|G_r - G_mid|) with mid the last row (scan order) of the first half of their block, so
+  no factor exceeds 1 whatever the gates; the diagonal blocks' query factor is exp(G_r - G_mid).
+  (The scores alone cannot show a wrong anchor: it cancels in q . k; only the range changes.)"""
+  from kernels_pallas.gla import pallas_tpu
+  ops = pallas_gpu.OPS if backend == "pallas_gpu" else pallas_tpu.OPS
+  c, diag = 32, 8
+  g = -np.random.default_rng(3).uniform(0.0, 3.0, (c, 4)).astype(np.float32)
+  scan = np.arange(c)[::-1] if reverse else np.arange(c)
+  big_g = np.empty_like(g, dtype=np.float64)
+  big_g[scan] = np.cumsum(g[scan].astype(np.float64), axis=0)
+  with jax.default_matmul_precision("highest"):
+    terms = chunk_math._score_terms(jnp.asarray(g), reverse, diag, ops)
+  for (fq, _, _), h in zip(terms, (16, 8)):
+    first = np.arange(c) // (2 * h) * (2 * h)  # first row (memory order) of each row's block
+    mid = first + (h if reverse else h - 1)
+    # exponents compared (down to about -48 here): float32 sums carry ~1e-5 absolute error
+    np.testing.assert_allclose(np.log(np.asarray(fq)), -np.abs(big_g - big_g[mid]), atol=1e-4)
+  mid = np.arange(c) // diag * diag + (diag // 2 if reverse else diag // 2 - 1)
+  np.testing.assert_allclose(np.log(np.asarray(terms[-1][0])), big_g - big_g[mid], atol=1e-4)
