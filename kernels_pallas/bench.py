@@ -7,7 +7,7 @@ bf16 q, k, v and fp32 log-gates (DiG's: log_sigmoid(x) / 16); warm-up, then the 
 many runs, rotating among input sets so that small shapes do not run from L2.
 `--check` first compares every backend with the token-by-token reference on this device.
 `--variants C64D16,L4W8,old=PATH` also times the GPU kernel with other settings (chunk, diagonal
-block, chunks per sequence block, warps), and an older kernel module (a copy of a previous
+block, chunks per sequence block, warps, pipelining stages), and an older kernel module (a copy of a previous
 pallas_gpu.py) through the same custom_vjp, side by side.
 """
 from __future__ import annotations
@@ -88,6 +88,7 @@ def _n_sets(nbytes):
 _SETTINGS = {"C": "CHUNK", "D": "DIAG", "L": "BLOCK_CHUNKS", "S": "RECOMPUTE_STATES",
              "N": "NUM_STAGES"}
 _WARPS_OF = {"W": "default", "F": "gla_fwd", "B": "gla_bwd"}  # warps: all, forward, backward
+_FORWARD_WALKS = ("gla_fwd", "gla_fwd_states")  # letter P: their pipelining stages
 
 
 @contextlib.contextmanager
@@ -107,9 +108,9 @@ def _variant_fn(variant):
   """(label, f(q, k, v, g) -> o, pallas_gpu settings) of one `--variants` entry: letters
   C (chunk), D (diagonal block of chunk_math's scheme), L (chunks per sequence block),
   S (1: the backward recomputes the per-chunk states, 0: the forward stores them),
-  N (software-pipelining stages of every kernel's chunk loop),
-  W (warps of every kernel), F / B (warps of the forward / backward output kernel), each
-  followed by a number, e.g. C64D16B8; or old=PATH."""
+  N (software-pipelining stages of every kernel's chunk loop), P (stages of the two forward
+  walks only), W (warps of every kernel), F / B (warps of the forward / backward output
+  kernel), each followed by a number, e.g. C64D16B8; or old=PATH."""
   if variant.startswith("old="):
     import importlib.util
     spec = importlib.util.spec_from_file_location("pallas_gpu_old", variant[4:])
@@ -123,19 +124,24 @@ def _variant_fn(variant):
       return o
     return "pallas_gpu (old)", f, {}
   parts = re.findall(r"([A-Z])(\d+)", variant)
+  letters = sorted({**_SETTINGS, **_WARPS_OF, "P": None})
   if not parts or "".join(a + b for a, b in parts) != variant or any(
-      a not in {**_SETTINGS, **_WARPS_OF} for a, _ in parts):
-    raise ValueError(f"unknown variant {variant!r}: expected letters "
-                     f"{sorted({**_SETTINGS, **_WARPS_OF})} "
+      a not in letters for a, _ in parts):
+    raise ValueError(f"unknown variant {variant!r}: expected letters {letters} "
                      f"each with a number (e.g. C64D16W8), or old=PATH")
   settings, warps = {}, {}
   for letter, number in parts:
     if letter in _WARPS_OF:
       warps[_WARPS_OF[letter]] = int(number)
-    else:
+    elif letter != "P":
       settings[_SETTINGS[letter]] = int(number)
   if warps:
     settings["NUM_WARPS"] = warps
+  for letter, number in parts:
+    if letter == "P":  # on top of N's or the module's stages
+      stages = settings.get("NUM_STAGES", pallas_gpu.NUM_STAGES)
+      stages = dict(stages) if isinstance(stages, dict) else {"default": stages}
+      settings["NUM_STAGES"] = {**stages, **{k: int(number) for k in _FORWARD_WALKS}}
   f = lambda q, k, v, g: chunk_gla(q, k, v, g, backend="pallas_gpu")[0]
   return f"pallas_gpu {variant}", f, settings
 
@@ -222,7 +228,7 @@ def main(argv=None):
   parser.add_argument("--variants", default="",
                       help="comma-separated GPU kernel settings: C<chunk>, D<diag block>, "
                            "L<chunks per block>, S<1 recompute / 0 store chunk states>, "
-                           "N<pipelining stages>, W<warps>, "
+                           "N<pipelining stages>, P<stages of the forward walks>, W<warps>, "
                            "F/B<forward/backward kernel warps>, "
                            "combined (C64D16B8); or old=PATH")
   args = parser.parse_args(argv)

@@ -203,6 +203,11 @@ def test_kernel_bench_variants_set_and_restore_gpu_settings():
   assert (pallas_gpu.CHUNK, pallas_gpu.DIAG, pallas_gpu.NUM_WARPS) == before
   assert pallas_gpu.BLOCK_CHUNKS is None
   assert kbench._variant_fn("N3S0")[2] == {"NUM_STAGES": 3, "RECOMPUTE_STATES": 0}
+  stages = kbench._variant_fn("P2")[2]["NUM_STAGES"]
+  others = {k: v for k, v in stages.items() if k not in ("gla_fwd", "gla_fwd_states")}
+  assert (stages["gla_fwd"], stages["gla_fwd_states"]) == (2, 2) and 2 not in others.values()
+  assert kbench._variant_fn("N1P3")[2]["NUM_STAGES"] == {"default": 1, "gla_fwd": 3,
+                                                         "gla_fwd_states": 3}
   for bad in ("X3", "C", "C32x"):
     with pytest.raises(ValueError, match="expected letters"):
       kbench._variant_fn(bad)

@@ -60,11 +60,11 @@ CHUNK = 16  # measured on H100: 16 beats 32, which beat 64 (BENCHMARKS.md)
 DIAG = 16  # chunk_math scheme: mid-anchored diagonal blocks of 16 rows (BENCHMARKS.md)
 NUM_WARPS = 4  # warps per program: an int, or {kernel name or "default": warps}
 # Triton software-pipelining stages of the chunk loops (loads of the next chunks issued while
-# this one computes), same form as NUM_WARPS. Measured under ncu on an H100 at chunk 32
-# (BENCHMARKS.md): 3 stages take 3-18 % off the backward walks; the forward walks get slower
-# (more registers). At chunk 16, against 1 stage everywhere: -10 % fwd+bwd at XL/2@2048, within
-# the spread at the other anchor shapes.
-NUM_STAGES = {"default": 1, "gla_bwd": 3, "gla_bwd_states": 3, "gla_chunk_states": 3}
+# this one computes), same form as NUM_WARPS. 3 for every walk, by measurement on an H100
+# (BENCHMARKS.md): at chunk 32 (ncu) 3 stages took 3-18 % off the backward walks but slowed the
+# forward walks; at chunk 16 they also speed up the forward walks (forward -11 to -19 % at
+# T >= 4096, fwd+bwd -3 to -8 % in two runs).
+NUM_STAGES = 3
 # Chunks per sequence block; None: `block_chunks_for` below. Tests set it to force many blocks.
 BLOCK_CHUNKS = None
 # True: the backward recomputes the state entering each chunk from the state entering each
