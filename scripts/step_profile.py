@@ -3,10 +3,11 @@ DiG-S/2 --px 256 --batch 64 [--impl pallas_gpu] [--depth N] [--steps 5] [--top 4
 
 Builds the step `dig_jax.bench` times (make_train_step, bf16 compute, AdamW, EMA), compiles it
 with an XLA dump, runs a few steps under `jax.profiler.trace`, and sums each GPU kernel's device
-time per step three ways: by the innermost dig_jax / kernels_pallas source line of the HLO op
+time per step four ways: by the innermost dig_jax / kernels_pallas source line of the HLO op
 that launched it (from the optimised HLO's stack frames, scripts/xla_peak_buffers.py), by op
-name, and by kernel, with the fusion's output shape. Kernels that are not XLA fusions (cuBLAS,
-cuDNN, Pallas calls) keep their own names. Also prints the GPU busy time against the step time:
+name, by kernel (with the fusion's output shape), and by family (matmuls, GLA, conv, attention,
+the model's XLA fusions, the rest). Kernels that are not XLA fusions (cuBLAS, cuDNN, Pallas
+calls) keep their own names. Also prints the GPU busy time against the step time:
 a step much longer than its busy time is bound by launches or the host.
 """
 from __future__ import annotations
@@ -56,7 +57,36 @@ def attribute(events: list[dict], hlo_text: str, steps: int):
   return lines, ops, kernels, {k: (launches[k] / steps,) + info[k] for k in kernels}
 
 
+# Kernel families by kernel name (first match wins); XLA's own fusions are split by whether
+# their source line is in the model's files.
+_FAMILIES_BY_NAME = (("GLA kernels", ("gla_",)), ("conv kernels", ("depthwise_conv",)),
+                     ("matmuls", ("nvjet", "gemm", "xmma", "cutlass")),
+                     ("attention (cuDNN)", ("sdpa", "flash", "cudnn")))
+_MODEL_PACKAGES = ("dig_jax/models", "kernels_pallas")
+
+
+def model_files(root=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")):
+  """Basenames of the model's source files, as the source lines name them."""
+  return {os.path.basename(f) for pkg in _MODEL_PACKAGES
+          for f in glob.glob(os.path.join(root, pkg, "**", "*.py"), recursive=True)}
+
+
+def families(kernels, info, model_basenames):
+  """Counter of device microseconds per step by kernel family."""
+  out = collections.Counter()
+  for name, us in kernels.items():
+    family = next((f for f, keys in _FAMILIES_BY_NAME if any(k in name for k in keys)), None)
+    if family is None:
+      in_model = info[name][2].split(":")[0] in model_basenames
+      family = "model's XLA fusions" if in_model else "other (optimizer, loss, copies)"
+    out[family] += us
+  return out
+
+
 def print_report(lines, ops, kernels, info, top):
+  print("--- by family (us per step)")
+  for k, v in families(kernels, info, model_files()).most_common():
+    print(f"{v:10.1f}  {k}")
   print("--- by source line (us per step; '-': not an XLA op of the model, e.g. a library or "
         "Pallas kernel)")
   for k, v in lines.most_common(top):
