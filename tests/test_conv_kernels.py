@@ -57,15 +57,9 @@ def _rel_rms(a, b):
   return float(np.sqrt(np.mean((a - b) ** 2) / np.mean(b ** 2)))
 
 
-# (N, h, w, D): square, wide, a token count with only a factor 16 (blocks of 16), D = 48
-# (channel blocks of 16), DiG-S's width
-SHAPES = [(2, 8, 8, 32), (1, 4, 16, 64), (2, 16, 3, 48), (1, 4, 4, 384)]
-
-
-@pytest.mark.parametrize("backend", ["reference", "pallas_gpu"])
-@pytest.mark.parametrize("shape", SHAPES)
-def test_conv_and_gradients_match_numpy(backend, shape):
-  x, kernel, bias, dy = _inputs(shape, jnp.float32)
+def _assert_float32_matches_numpy(backend, shape, seed):
+  """Output and the gradients of x, kernel and bias (random cotangent) within 1e-6 of numpy."""
+  x, kernel, bias, dy = _inputs(shape, jnp.float32, seed=seed)
   f = lambda x, k, b: depthwise_conv3x3(x, k, b, backend=backend, interpret=True)
   with jax.default_matmul_precision("highest"):
     y, vjp = jax.vjp(f, x, kernel, bias)
@@ -76,21 +70,24 @@ def test_conv_and_gradients_match_numpy(backend, shape):
     assert _rel_rms(got, want) < 1e-6
 
 
+# (N, h, w, D): square, wide, a token count with only a factor 16 (blocks of 16), D = 48
+# (channel blocks of 16), DiG-S's width
+SHAPES = [(2, 8, 8, 32), (1, 4, 16, 64), (2, 16, 3, 48), (1, 4, 4, 384)]
+
+
+@pytest.mark.parametrize("backend", ["reference", "pallas_gpu"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_conv_and_gradients_match_numpy(backend, shape):
+  _assert_float32_matches_numpy(backend, shape, seed=0)
+
+
 @pytest.mark.parametrize("shape", [(2, 8, 8, 32), (2, 16, 3, 48), (1, 8, 4, 16)])
 def test_blocks_of_16_tokens(monkeypatch, shape):
   """Blocks of 16 tokens and 16 channels: taps cross block edges, and the grid's first and last
   rows fall in different blocks."""
   monkeypatch.setattr(pallas_gpu, "BLOCK_T", 16)
   monkeypatch.setattr(pallas_gpu, "BLOCK_D", 16)
-  x, kernel, bias, dy = _inputs(shape, jnp.float32, seed=2)
-  f = lambda x, k, b: depthwise_conv3x3(x, k, b, backend="pallas_gpu", interpret=True)
-  with jax.default_matmul_precision("highest"):
-    y, vjp = jax.vjp(f, x, kernel, bias)
-    grads = vjp(dy)
-  arrays = [np.asarray(a, np.float64) for a in (x, kernel, bias, dy)]
-  assert _rel_rms(y, _numpy_conv(*arrays[:3])) < 1e-6
-  for got, want in zip(grads, _numpy_grads(arrays[0], arrays[1], arrays[3])):
-    assert _rel_rms(got, want) < 1e-6
+  _assert_float32_matches_numpy("pallas_gpu", shape, seed=2)
 
 
 def test_bfloat16_inputs_accumulate_in_float32():
