@@ -10,6 +10,12 @@ in groups of STEPS_PER_SYNC as the training loop runs them), peak device memory
 analytic model FLOPs per image (`dig_jax.flops`, training = 3x forward), achieved TFLOP/s and
 MFU against a dense bf16 matmul rate measured in the same run, and DiG/DiT ratios.
 
+`--mode sample` times sampling instead: one classifier-free-guided DDPM denoising step (the
+model on the conditional and unconditional halves in one batched call, then the ancestral
+update: what `sample.py` runs `--sample_steps` times per image), reported as milliseconds per
+denoising step and images/s at `--sample_steps` steps, with the same memory, FLOP and MFU columns
+(FLOPs per image and step: the forward, twice with guidance).
+
 By default every configuration runs in its own subprocess, so that its peak memory is its own
 and an OOM or a crash cannot disturb the next one (`--in_process` runs them all in this process;
 then peaks are cumulative). Does not import the data pipeline (grain, tfds, ml_collections).
@@ -107,7 +113,10 @@ def make_configs(args) -> list[dict]:
       impls = [args.gla_backend] if name.startswith("DiG") else attentions
       for impl in impls:
         extra = {"conv_backend": args.conv_backend} if name.startswith("DiG") else {}
-        configs.append(dict(model=name, px=px, batch=batch, impl=impl, steps=args.steps, **extra,
+        if args.mode == "sample":
+          extra.update(sample_steps=args.sample_steps, cfg_scale=args.cfg_scale)
+        configs.append(dict(model=name, px=px, batch=batch, impl=impl, steps=args.steps,
+                            mode=args.mode, **extra,
                             warmup=args.warmup, depth=args.depth, hidden_size=args.hidden_size,
                             dtype=args.dtype, remat=args.remat, find_max_batch=args.find_max_batch,
                             max_batch_limit=args.max_batch_limit))
@@ -161,15 +170,12 @@ def matmul_tflops(size: int = 0, runs: int = 20) -> float:
   return 2 * size ** 3 / statistics.median(times) / 1e12
 
 
-def _build(config):
-  import jax
+def _create_model(config):
+  """(model, parameter count, latent size) of a configuration: bf16 compute, fp32 params."""
   import jax.numpy as jnp
-  import optax
   from flax import nnx
 
-  from dig_jax.diffusion import create_schedule
   from dig_jax.models import count_parameters, create_model
-  from dig_jax.train.step import make_train_step
 
   name, px = config["model"], config["px"]
   overrides = dict(dtype=jnp.dtype(config["dtype"]), remat=config.get("remat", "none"))
@@ -186,7 +192,20 @@ def _build(config):
   latent = px // 8
   model = create_model(name, input_size=latent, in_channels=LATENT_CHANNELS,
                        num_classes=NUM_CLASSES, learn_sigma=True, rngs=nnx.Rngs(0), **overrides)
-  params_count = count_parameters(model)
+  return model, count_parameters(model), latent
+
+
+def _build(config):
+  """The training step and its initial state: (step(state, batch), init_state, params, latent)."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from flax import nnx
+
+  from dig_jax.diffusion import create_schedule
+  from dig_jax.train.step import make_train_step
+
+  model, params_count, latent = _create_model(config)
   graphdef, params = nnx.split(model, nnx.Param)
   del model
   tx = optax.adamw(1e-4, weight_decay=0.0)  # the paper's recipe
@@ -199,6 +218,44 @@ def _build(config):
             "ema_params": jax.tree.map(jnp.copy, params), "opt_state": tx.init(params)}
 
   return jax.jit(step, donate_argnums=0), init_state, params_count, latent
+
+
+def _build_sampler(config):
+  """One guided DDPM denoising step as sample.py runs it, in the training step's form:
+  step({"params", "x"}, {"label", "t"}) -> (state with the next x, metrics)."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from dig_jax.diffusion import cfg_model_fn, create_schedule
+  from dig_jax.diffusion.samplers import ddpm_step
+
+  model, params_count, latent = _create_model(config)
+  graphdef, params = nnx.split(model)
+  del model
+  schedule = create_schedule(1000, config["sample_steps"])
+
+  def step(state, inputs):
+    net = nnx.merge(graphdef, state["params"])
+    model_fn = cfg_model_fn(net, inputs["label"], NUM_CLASSES, config["cfg_scale"])
+    t, x = inputs["t"], state["x"]
+    noise = jax.random.normal(jax.random.fold_in(jax.random.key(3), t), x.shape, x.dtype)
+    x = ddpm_step(model_fn, schedule, x, t, noise, learn_sigma=True)
+    return {"params": state["params"], "x": x}, {"x_rms": jnp.sqrt(jnp.mean(x * x))}
+
+  def init_state():
+    shape = (config["batch"], latent, latent, LATENT_CHANNELS)
+    return {"params": params, "x": jax.random.normal(jax.random.key(2), shape, jnp.float32)}
+
+  return jax.jit(step, donate_argnums=0), init_state, params_count, latent
+
+
+def _sample_inputs(batch, sample_steps, count=2):
+  """Labels and schedule indices for denoising steps (every index costs the same)."""
+  import jax
+  import jax.numpy as jnp
+  return [{"label": jax.random.randint(jax.random.key(200 + i), (batch,), 0, NUM_CLASSES),
+           "t": jnp.int32(max(0, sample_steps - 1 - i))} for i in range(count)]
 
 
 def _batches(batch, latent, count=2):
@@ -297,28 +354,40 @@ def run_config(config, progress=print) -> dict:
              "reference": reference.CHUNK}.get(backend, chunk)
     row.update(impl=backend, gla_chunk=chunk, conv_backend=config.get("conv_backend", "auto"))
   fwd = flops.forward_flops(name, px, gla_chunk=chunk, **shape_overrides)
-  row.update(fwd_gflops_per_image=fwd / 1e9, train_gflops_per_image=3 * fwd / 1e9)
+  sampling = config.get("mode", "train") == "sample"
+  if sampling:  # per denoising step: the forward, on both halves with guidance
+    passes = 1 if config["cfg_scale"] == 1.0 else 2
+    row.update(mode="sample", sample_steps=config["sample_steps"],
+               cfg_scale=config["cfg_scale"], step_gflops_per_image=passes * fwd / 1e9)
+    step_flops = passes * fwd * batch
+  else:
+    row.update(mode="train", train_gflops_per_image=3 * fwd / 1e9)
+    step_flops = 3 * fwd * batch
+  row["fwd_gflops_per_image"] = fwd / 1e9
   if family == "DiT" and config["impl"] == "cudnn" and row["platform"] != "gpu":
     row.update(status="skipped", error="cuDNN attention needs a GPU")
     return row
   state = None
   try:
     t0 = time.perf_counter()
-    step, init_state, params_count, latent = _build(config)
+    step, init_state, params_count, latent = (_build_sampler if sampling else _build)(config)
     row["params_m"] = params_count / 1e6
     state = init_state()
-    batches = _batches(batch, latent)
+    batches = (_sample_inputs(batch, config["sample_steps"]) if sampling
+               else _batches(batch, latent))
     compiled = step.lower(state, batches[0]).compile()
     row["compile_s"] = time.perf_counter() - t0
     state, metrics, times = _time_steps(compiled, state, batches, config["steps"],
                                         config["warmup"])
-    loss = float(metrics["loss"])
     med = statistics.median(times)
+    per_image = config["sample_steps"] if sampling else 1  # steps that make one image
     row.update(status="ok", step_ms=med * 1e3, step_ms_min=min(times) * 1e3,
-               step_ms_max=max(times) * 1e3, images_per_s=batch / med,
-               achieved_tflops=3 * fwd * batch / med / 1e12, loss=loss)
-    if not math.isfinite(loss):
-      row["warning"] = "non-finite loss"
+               step_ms_max=max(times) * 1e3, images_per_s=batch / med / per_image,
+               achieved_tflops=step_flops / med / 1e12)
+    value_name = "x_rms" if sampling else "loss"
+    row[value_name] = float(metrics[value_name])
+    if not math.isfinite(row[value_name]):
+      row["warning"] = f"non-finite {value_name}"
     peak = _peak_bytes()
     row.update(peak_bytes=peak, peak_gib=None if peak is None else peak / 2**30)
   except Exception as e:  # noqa: BLE001 -- one failing configuration is a result too
@@ -407,9 +476,24 @@ def _impl(row: dict) -> str:
   return out if remat == "none" else f"{out}, remat {remat}"
 
 
+def _gflops(row: dict) -> float:
+  """FLOPs per image of what one timed step does: a training step, or a denoising step."""
+  return row.get("step_gflops_per_image" if _mode(row) == "sample" else
+                 "train_gflops_per_image", 0.0)
+
+
+def _mode(row: dict) -> str:
+  return row.get("mode", "train")
+
+
 def table(rows: list[dict]) -> str:
-  head = ("model", "attention", "px", "batch", "img/s", "step ms", "peak GiB", "max batch",
-          "train GFLOP/img", "TFLOP/s", "MFU", "DiG/DiT speed (cudnn, xla)")
+  sampling = any(_mode(r) == "sample" for r in rows)
+  steps = sorted({r.get("sample_steps") for r in rows if _mode(r) == "sample"})
+  head = ("model", "attention", "px", "batch",
+          f"img/s ({'/'.join(map(str, steps))} steps)" if sampling else "img/s",
+          "denoising step ms" if sampling else "step ms", "peak GiB", "max batch",
+          "GFLOP/img/step" if sampling else "train GFLOP/img", "TFLOP/s", "MFU",
+          "DiG/DiT speed (cudnn, xla)")
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in rows:
     if r.get("status") != "ok":
@@ -417,7 +501,7 @@ def table(rows: list[dict]) -> str:
       detail = "" if status == "OOM" else f" ({r.get('error', '')[:60]})"
       lines.append(f"| {r['model']} | {_impl(r)} | {r['px']} | {r['batch']} | {status}{detail} "
                    f"| | {_fmt(r.get('peak_gib'), '.2f')} | {r.get('max_batch', '-')} | "
-                   f"{r.get('train_gflops_per_image', 0):.4g} | | | |")
+                   f"{_gflops(r):.4g} | | | |")
       continue
     ratio = ""
     if r["family"] == "DiG":
@@ -428,7 +512,7 @@ def table(rows: list[dict]) -> str:
     lines.append(
         f"| {r['model']} | {_impl(r)} | {r['px']} | {r['batch']} | {r['images_per_s']:.2f} | "
         f"{r['step_ms']:.1f} | {_fmt(r.get('peak_gib'), '.2f')} | {r.get('max_batch', '-')} | "
-        f"{r['train_gflops_per_image']:.4g} | {r['achieved_tflops']:.3g} | "
+        f"{_gflops(r):.4g} | {r['achieved_tflops']:.3g} | "
         f"{'-' if mfu is None else f'{100 * mfu:.1f}%'} | {ratio} |")
   return "\n".join(lines)
 
@@ -456,14 +540,17 @@ def plot(rows: list[dict], path: str):
     for ax in (ax_speed, ax_mem):
       for px in ooms:
         ax.axvline(px, color=line.get_color(), alpha=0.3, linestyle=":")
-  ax_speed.set(xlabel="resolution (px)", ylabel="images / s (training step)", yscale="log",
-               title="Throughput")
+  sampling = any(_mode(r) == "sample" for r in rows)
+  what = "sampling" if sampling else "training step"
+  ax_speed.set(xlabel="resolution (px)", yscale="log", title="Throughput",
+               ylabel="images / s (" + (f"sampling, {rows[0].get('sample_steps')} steps)"
+                                        if sampling else "training)"))
   ax_mem.set(xlabel="resolution (px)", ylabel="peak device memory (GiB)", title="Peak memory")
   for ax in (ax_speed, ax_mem):
     ax.grid(True, alpha=0.3)
   ax_speed.legend(fontsize=8)
   device = next((r.get("device") for r in rows if r.get("device")), "")
-  fig.suptitle(f"DiG vs DiT training step on {device} (dotted: OOM)")
+  fig.suptitle(f"DiG vs DiT {what} on {device} (dotted: OOM)")
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
@@ -473,7 +560,7 @@ def _row_key(row: dict) -> tuple:
   """What --resume matches on; a DiG row counts whatever GLA backend "auto" resolved to."""
   impl = row["impl"] if row["model"].startswith("DiT") else "gla"
   return (row["model"], impl, row.get("conv_backend", "auto"), row["px"], row["batch"],
-          row.get("remat", "none"))
+          row.get("remat", "none"), _mode(row), row.get("sample_steps"), row.get("cfg_scale"))
 
 
 def previous_rows(path: str) -> list[dict]:
@@ -507,6 +594,15 @@ def build_parser():
   parser.add_argument("--batch", type=int, default=0,
                       help="images per step; default: 16384 tokens' worth, from 1 to 64 "
                            "(64 at 256 px with patch 2, 4 at 1024, 1 from 1536)")
+  parser.add_argument("--mode", default="train", choices=("train", "sample"),
+                      help="time the training step (train) or a guided denoising step of "
+                           "sampling (sample); default %(default)s")
+  parser.add_argument("--sample_steps", type=int, default=250,
+                      help="--mode sample: denoising steps per image, for images/s "
+                           "(sample.py's default, 250)")
+  parser.add_argument("--cfg_scale", type=float, default=1.5,
+                      help="--mode sample: classifier-free guidance scale; any value above 1 "
+                           "runs the model on twice the batch, 1.0 runs it once")
   parser.add_argument("--steps", type=int, default=20, help="timed steps, in groups of "
                       f"{STEPS_PER_SYNC} run back to back (median group mean reported)")
   parser.add_argument("--warmup", type=int, default=3, help="untimed steps after compiling")
@@ -552,9 +648,16 @@ def main(argv=None):
   args = parser.parse_args(argv)
   if args.worker:
     return _worker(args.worker)
-  for flag in ("steps", "warmup", "batch", "depth", "hidden_size"):
-    if getattr(args, flag) < (1 if flag == "steps" else 0):
-      parser.error(f"--{flag} must be {'>= 1' if flag == 'steps' else '>= 0'}")
+  for flag in ("steps", "warmup", "batch", "depth", "hidden_size", "sample_steps"):
+    if getattr(args, flag) < (1 if flag in ("steps", "sample_steps") else 0):
+      parser.error(f"--{flag} must be {'>= 1' if flag in ('steps', 'sample_steps') else '>= 0'}")
+  if args.sample_steps > 1000:
+    parser.error(f"--sample_steps {args.sample_steps}: at most 1000 (the diffusion schedule's "
+                 "length)")
+  if args.cfg_scale < 1.0:
+    parser.error(f"--cfg_scale {args.cfg_scale}: expected >= 1.0 (1.0 disables guidance)")
+  if args.mode == "sample" and (args.find_max_batch or args.remat != "none"):
+    parser.error("--find_max_batch and --remat apply to --mode train only")
   try:
     configs = make_configs(args)
   except ValueError as e:
@@ -594,19 +697,24 @@ def main(argv=None):
     row = {**dict(model=config["model"], family=config["model"].split("-")[0],
                   size=config["model"].split("-")[1], px=config["px"], batch=config["batch"],
                   impl=config["impl"], remat=config["remat"]), **row}
-    if "train_gflops_per_image" not in row:
+    if "fwd_gflops_per_image" not in row:  # a worker that never got as far (crash, timeout)
       from dig_jax import flops
       overrides = {k: config[k] for k in ("depth", "hidden_size") if config.get(k)}
       if config.get("hidden_size"):
         overrides["num_heads"] = max(1, config["hidden_size"] // 64)
-      row["train_gflops_per_image"] = flops.train_flops(config["model"], config["px"],
-                                                        **overrides) / 1e9
+      fwd = flops.forward_flops(config["model"], config["px"], **overrides) / 1e9
+      if args.mode == "sample":
+        row.update(mode="sample", sample_steps=args.sample_steps, cfg_scale=args.cfg_scale,
+                   step_gflops_per_image=fwd * (1 if args.cfg_scale == 1.0 else 2))
+      else:
+        row.update(mode="train", train_gflops_per_image=3 * fwd)
     if row.get("status") == "ok" and peak:
       row["mfu"] = row["achieved_tflops"] / peak
     row["matmul_tflops"] = peak
     rows.append(row)
     if row.get("status") == "ok":
-      say(f"    {row['images_per_s']:.2f} img/s, step {row['step_ms']:.1f} ms, peak "
+      say(f"    {row['images_per_s']:.2f} img/s, "
+          f"{'denoising step' if args.mode == 'sample' else 'step'} {row['step_ms']:.1f} ms, peak "
           f"{_fmt(row.get('peak_gib'), '.2f')} GiB, MFU "
           f"{_fmt(None if row.get('mfu') is None else 100 * row['mfu'], '.1f')}% "
           f"(compile {row.get('compile_s', 0):.0f} s; {time.perf_counter() - start:.0f} s in all)")

@@ -165,6 +165,61 @@ def test_resume_keeps_measured_rows_and_adds_missing_ones(tmp_path):
     bench.main(["--models", "DiG-S/8", "--resume", *tiny[:-2]])
 
 
+def test_sample_mode_times_the_guided_sampler_step(tmp_path):
+  """--mode sample: rows report one guided denoising step and images/s at --sample_steps steps;
+  the timed step is the sampler's (at the last index it returns the guided posterior mean), and
+  guidance doubles the FLOPs of a step."""
+  from dig_jax.diffusion import cfg_model_fn, create_schedule
+  from dig_jax.diffusion.gaussian import p_mean_variance
+
+  out = tmp_path / "rows.json"
+  tiny = ["--resolutions", "64", "--steps", "2", "--warmup", "0", "--depth", "1",
+          "--hidden_size", "64", "--batch", "2", "--matmul_size", "128", "--in_process",
+          "--dit_attention", "xla", "--mode", "sample", "--sample_steps", "50"]
+  rows = bench.main(["--models", "DiG-S/8,DiT-S/8", *tiny, "--json", str(out)])
+  assert [(r["model"], r["status"], r["mode"]) for r in rows] == [
+      ("DiG-S/8", "ok", "sample"), ("DiT-S/8", "ok", "sample")]
+  for r in rows:
+    assert r["images_per_s"] == pytest.approx(2 / (50 * r["step_ms"] / 1e3))
+    fwd = flops.forward_flops(r["model"], 64, depth=1, hidden_size=64, num_heads=1,
+                              gla_chunk=r.get("gla_chunk", 32))
+    assert r["step_gflops_per_image"] == pytest.approx(2 * fwd / 1e9)
+    assert np.isfinite(r["x_rms"]) and r["x_rms"] > 0
+  assert "denoising step ms" in bench.table(rows) and "img/s (50 steps)" in bench.table(rows)
+  unguided = bench.main(["--models", "DiT-S/8", *tiny, "--cfg_scale", "1"])
+  assert unguided[0]["step_gflops_per_image"] == pytest.approx(
+      rows[1]["step_gflops_per_image"] / 2)
+
+  config = dict(model="DiT-S/8", px=64, batch=2, impl="xla", dtype="float32", depth=1,
+                hidden_size=64, sample_steps=2, cfg_scale=1.5)
+  step, init_state, _, _ = bench._build_sampler(config)
+  state = init_state()
+  x = np.asarray(state["x"])
+  inputs = bench._sample_inputs(2, 2)[1]
+  assert int(inputs["t"]) == 0  # the last step: the posterior mean, no noise added
+  # Random weights: at its adaLN-Zero start the network outputs zeros whatever the label.
+  leaves, treedef = jax.tree.flatten(state["params"])
+  keys = jax.random.split(jax.random.key(5), len(leaves))
+  params = jax.tree.unflatten(treedef, [0.2 * jax.random.normal(key, leaf.shape, leaf.dtype)
+                                        for key, leaf in zip(keys, leaves)])
+  state = {"params": jax.tree.map(jnp.copy, params), "x": state["x"]}
+  graphdef, _ = nnx.split(bench._create_model(config)[0])
+  model = nnx.merge(graphdef, params)
+  schedule = create_schedule(1000, 2)
+  t_model = schedule.timestep_map[jnp.zeros((2,), jnp.int32)]
+
+  def mean(cfg_scale):
+    out = cfg_model_fn(model, inputs["label"], bench.NUM_CLASSES, cfg_scale)(x, t_model)
+    return np.asarray(p_mean_variance(schedule, out, x, jnp.zeros((2,), jnp.int32),
+                                      learn_sigma=True)["mean"])
+
+  got, _ = step(state, inputs)
+  np.testing.assert_allclose(np.asarray(got["x"]), mean(1.5), rtol=1e-5, atol=1e-5)
+  assert np.max(np.abs(mean(1.0) - mean(1.5))) > 1e-3  # so the check above sees the guidance
+  with pytest.raises(SystemExit):
+    bench.main(["--models", "DiT-S/8", *tiny, "--find_max_batch"])
+
+
 def test_max_batch_search_stops_at_first_oom():
   tried = []
 
