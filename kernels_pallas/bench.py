@@ -13,7 +13,6 @@ pallas_gpu.py) through the same custom_vjp, side by side.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import re
@@ -25,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels_pallas.gla import api, chunk_gla, pallas_gpu, reference
+from kernels_pallas.settings import module_settings
 
 # name: (B, T, GLA heads, K, V, DiT heads, DiT head dim); perf.md's anchors.
 ANCHORS = {
@@ -91,19 +91,6 @@ _WARPS_OF = {"W": "default", "F": "gla_fwd", "B": "gla_bwd"}  # warps: all, forw
 _FORWARD_WALKS = ("gla_fwd", "gla_fwd_states")  # letter P: their pipelining stages
 
 
-@contextlib.contextmanager
-def _gpu_settings(settings):
-  """pallas_gpu module settings in force while a variant is traced (forward and backward)."""
-  saved = {name: getattr(pallas_gpu, name) for name in settings}
-  for name, value in settings.items():
-    setattr(pallas_gpu, name, value)
-  try:
-    yield
-  finally:
-    for name, value in saved.items():
-      setattr(pallas_gpu, name, value)
-
-
 def _variant_fn(variant):
   """(label, f(q, k, v, g) -> o, pallas_gpu settings) of one `--variants` entry: letters
   C (chunk), D (diagonal block of chunk_math's scheme), L (chunks per sequence block),
@@ -155,7 +142,7 @@ def bench_shape(name, b, t, h, kd, vd, att_heads, att_dim, backends, runs, varia
           {}) for backend in backends] + [_variant_fn(x) for x in variants]
   for backend, f, settings in fns:
     try:
-      with _gpu_settings(settings):
+      with module_settings(pallas_gpu, settings):
         fwd, fwd_bwd = _timed_pair(f, sets, runs)
       rows.append(dict(backend=backend, shape=name, B=b, T=t, H=h, K=kd, V=vd, fwd_ms=fwd,
                        fwd_bwd_ms=fwd_bwd, x_hbm_floor=fwd_bwd / floor))

@@ -12,6 +12,7 @@ from flax import nnx
 from conftest import run_cli
 from dig_jax import bench, flops
 from dig_jax.models import create_model
+from kernels_pallas.settings import module_settings
 
 
 def _dot_flops(jaxpr) -> int:
@@ -253,7 +254,7 @@ def test_kernel_bench_variants_set_and_restore_gpu_settings():
   assert label == "pallas_gpu C64D8L2B8"
   assert settings == {"CHUNK": 64, "DIAG": 8, "BLOCK_CHUNKS": 2, "NUM_WARPS": {"gla_bwd": 8}}
   before = (pallas_gpu.CHUNK, pallas_gpu.DIAG, pallas_gpu.NUM_WARPS)
-  with kbench._gpu_settings(settings):
+  with module_settings(pallas_gpu, settings):
     assert (pallas_gpu.CHUNK, pallas_gpu.DIAG, pallas_gpu.BLOCK_CHUNKS) == (64, 8, 2)
   assert (pallas_gpu.CHUNK, pallas_gpu.DIAG, pallas_gpu.NUM_WARPS) == before
   assert pallas_gpu.BLOCK_CHUNKS is None
@@ -266,3 +267,10 @@ def test_kernel_bench_variants_set_and_restore_gpu_settings():
   for bad in ("X3", "C", "C32x"):
     with pytest.raises(ValueError, match="expected letters"):
       kbench._variant_fn(bad)
+  with pytest.raises(RuntimeError):  # restored when the block raises too
+    with module_settings(pallas_gpu, {"CHUNK": 64}):
+      raise RuntimeError
+  assert pallas_gpu.CHUNK == before[0]
+  with pytest.raises(AttributeError, match="NUM_WRAPS"):  # a misspelt setting is refused
+    with module_settings(pallas_gpu, {"NUM_WRAPS": 8}):
+      pass

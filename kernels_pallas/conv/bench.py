@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from kernels_pallas.bench import HBM_BYTES_PER_S, _median_ms
 from kernels_pallas.conv import pallas_gpu, reference
+from kernels_pallas.settings import module_settings
 
 SHAPES = {  # name: (N, h, w, D)
     "S/2@256": (64, 16, 16, 384),
@@ -61,14 +62,11 @@ def _kernel(interpret):
   return lambda x, k, b: pallas_gpu.depthwise_conv3x3(x, k, b, interpret)
 
 
-def _with_tile(tile, fn):
-  """fn() with pallas_gpu's tile set to (tokens, channels, warps); restored after."""
-  saved = pallas_gpu.BLOCK_T, pallas_gpu.BLOCK_D, pallas_gpu.NUM_WARPS
-  pallas_gpu.BLOCK_T, pallas_gpu.BLOCK_D, pallas_gpu.NUM_WARPS = tile
-  try:
-    return fn()
-  finally:
-    pallas_gpu.BLOCK_T, pallas_gpu.BLOCK_D, pallas_gpu.NUM_WARPS = saved
+def _time_with_tile(tile, shape, args):
+  """time_chain with the kernel's tile set to (tokens, channels, warps)."""
+  block_t, block_d, warps = tile
+  with module_settings(pallas_gpu, dict(BLOCK_T=block_t, BLOCK_D=block_d, NUM_WARPS=warps)):
+    return time_chain(_kernel(args.interpret), shape, args.layers, args.runs)
 
 
 def time_chain(conv, shape, layers, runs):
@@ -154,8 +152,8 @@ def main(argv=None):
       runs.append(("pallas_gpu", lambda s=shape: time_chain(_kernel(args.interpret), s,
                                                             args.layers, args.runs)))
       for tile in tiles:
-        runs.append((f"pallas_gpu tile {tile}", lambda s=shape, t=tile: _with_tile(
-            t, lambda: time_chain(_kernel(args.interpret), s, args.layers, args.runs))))
+        runs.append((f"pallas_gpu tile {tile}", lambda s=shape, t=tile: _time_with_tile(
+            t, s, args)))
     ref_us = None
     for backend, run in runs:
       fwd, both = run()
