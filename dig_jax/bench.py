@@ -148,10 +148,11 @@ def device_info() -> dict:
   return dict(platform=dev.platform, device=dev.device_kind, jax=jax.__version__)
 
 
-def matmul_tflops(size: int = 0, runs: int = 20) -> float:
-  """Dense bf16 matmul rate (TFLOP/s) of the default device: median of `runs` products of two
-  random size x size matrices (rotating two input sets), after warm-up. size 0: 8192, or 1024
-  on a CPU."""
+def matmul_tflops(size: int = 0, runs: int = 20, warmup_s: float = 1.0) -> float:
+  """Dense bf16 matmul rate (TFLOP/s) of the default device: products of two random size x size
+  matrices, timed as the steps are (groups of STEPS_PER_SYNC back to back, one sync per group;
+  median of `runs` groups) after `warmup_s` seconds of them, so that the clocks have settled
+  as they have during a step's timing. size 0: 8192, or 1024 on a CPU."""
   import jax
   import jax.numpy as jnp
   size = size or (1024 if jax.default_backend() == "cpu" else 8192)
@@ -159,15 +160,19 @@ def matmul_tflops(size: int = 0, runs: int = 20) -> float:
   sets = [(jax.random.normal(keys[2 * i], (size, size), jnp.bfloat16),
            jax.random.normal(keys[2 * i + 1], (size, size), jnp.bfloat16)) for i in range(2)]
   f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.bfloat16))
-  for a, b in sets:
-    jax.block_until_ready(f(a, b))
-  times = []
-  for i in range(runs):
-    a, b = sets[i % 2]
+
+  def group():
     start = time.perf_counter()
-    jax.block_until_ready(f(a, b))
-    times.append(time.perf_counter() - start)
-  return 2 * size ** 3 / statistics.median(times) / 1e12
+    for i in range(STEPS_PER_SYNC):
+      out = f(*sets[i % 2])
+    jax.block_until_ready(out)
+    return (time.perf_counter() - start) / STEPS_PER_SYNC
+
+  group()  # compiles
+  end = time.perf_counter() + warmup_s
+  while time.perf_counter() < end:
+    group()
+  return 2 * size ** 3 / statistics.median(group() for _ in range(runs)) / 1e12
 
 
 def _create_model(config):
