@@ -2,8 +2,15 @@
 
 Why Triton and not Mosaic GPU: the Triton backend runs these kernels on CPU in interpret mode
 and lowers them for CUDA on a CPU-only jaxlib, so every case is tested in CI; Mosaic GPU has
-only a private CPU interpreter. (JAX 0.11 deprecates Pallas-Triton; a Mosaic GPU port would
-keep chunk_math.py as it is.)
+only a private CPU interpreter. (JAX 0.11 deprecates Pallas-Triton.) What a Mosaic GPU port
+would find, probed on JAX 0.10.2 on CPU: kernels with wgmma lower for CUDA (bf16 operands in
+SMEM need tiling (8, 64) and 128-byte swizzle transforms; A may come from registers, B
+transposed through `transpose_ref`, scores through SMEM into a second wgmma; iota masks and
+exp lower); the private interpreter (`jax._src.pallas.mosaic_gpu.interpret`) runs wgmma but
+not refs with those transforms; `jnp.cumsum` has no lowering (a wgmma with a triangular 0/1
+matrix does, which chunk_math's `ops.cumsum` could be), and a row or column sum broadcast back
+over the tile needs explicit layouts. BENCHMARKS.md says why a 64-row warpgroup kernel is the
+likely next step for the backward.
 
 Design (sequence split, as fla's chunk_h_split): the scan-ordered chunks of one (batch, head)
 are grouped into blocks of L chunks (L = `block_chunks`, a few hundred tokens), and every
