@@ -586,10 +586,11 @@ def _write_json(args, info, rows):
 def build_parser():
   doc = __doc__.split("\n\n")
   parser = argparse.ArgumentParser(
-      prog="python -m dig_jax.bench", description="\n\n".join(doc[:2]),
+      prog="python -m dig_jax.bench", description="\n\n".join(doc[:3]),
       formatter_class=argparse.RawDescriptionHelpFormatter,
-      epilog="example: python -m dig_jax.bench --models S/2 --resolutions 256,1024 "
-             "--steps 20 --json rows.json --plot throughput.png")
+      epilog="examples: python -m dig_jax.bench --models S/2 --resolutions 256,1024 "
+             "--steps 20 --json rows.json --plot throughput.png; python -m dig_jax.bench "
+             "--mode sample --models XL/2 --resolutions 256,2048 --dit_attention cudnn")
   parser.add_argument("--models", default=",".join(DEFAULT_MODELS),
                       help="comma-separated sizes (S/2, B/4, XL/2: DiG and DiT) or full names "
                            "(DiG-S/8, DiT-XL/2); default %(default)s")
