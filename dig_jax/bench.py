@@ -654,12 +654,12 @@ def main(argv=None):
   args = parser.parse_args(argv)
   if args.worker:
     return _worker(args.worker)
-  for flag in ("steps", "warmup", "batch", "depth", "hidden_size", "sample_steps"):
-    if getattr(args, flag) < (1 if flag in ("steps", "sample_steps") else 0):
-      parser.error(f"--{flag} must be {'>= 1' if flag in ('steps', 'sample_steps') else '>= 0'}")
-  if args.sample_steps > 1000:
-    parser.error(f"--sample_steps {args.sample_steps}: at most 1000 (the diffusion schedule's "
-                 "length)")
+  for flag in ("steps", "warmup", "batch", "depth", "hidden_size"):
+    if getattr(args, flag) < (1 if flag == "steps" else 0):
+      parser.error(f"--{flag} must be {'>= 1' if flag == 'steps' else '>= 0'}")
+  if not 2 <= args.sample_steps <= 1000:
+    parser.error(f"--sample_steps {args.sample_steps}: expected 2 to 1000 (a respacing of the "
+                 "1000-step diffusion schedule)")
   if args.cfg_scale < 1.0:
     parser.error(f"--cfg_scale {args.cfg_scale}: expected >= 1.0 (1.0 disables guidance)")
   if args.mode == "sample" and (args.find_max_batch or args.remat != "none"):

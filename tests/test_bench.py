@@ -217,8 +217,9 @@ def test_sample_mode_times_the_guided_sampler_step(tmp_path):
   got, _ = step(state, inputs)
   np.testing.assert_allclose(np.asarray(got["x"]), mean(1.5), rtol=1e-5, atol=1e-5)
   assert np.max(np.abs(mean(1.0) - mean(1.5))) > 1e-3  # so the check above sees the guidance
-  with pytest.raises(SystemExit):
-    bench.main(["--models", "DiT-S/8", *tiny, "--find_max_batch"])
+  for bad in (["--find_max_batch"], ["--sample_steps", "1"], ["--cfg_scale", "0.5"]):
+    with pytest.raises(SystemExit):
+      bench.main(["--models", "DiT-S/8", *tiny, *bad])
 
 
 def test_max_batch_search_stops_at_first_oom():
