@@ -6,10 +6,12 @@ only a private CPU interpreter. (JAX 0.11 deprecates Pallas-Triton.) What a Mosa
 would find, probed on JAX 0.10.2 on CPU: kernels with wgmma lower for CUDA (bf16 operands in
 SMEM need tiling (8, 64) and 128-byte swizzle transforms; A may come from registers, B
 transposed through `transpose_ref`, scores through SMEM into a second wgmma; iota masks and
-exp lower); the private interpreter (`jax._src.pallas.mosaic_gpu.interpret`) runs wgmma but
-not refs with those transforms; `jnp.cumsum` has no lowering (a wgmma with a triangular 0/1
-matrix does, which chunk_math's `ops.cumsum` could be), and a row or column sum broadcast back
-over the tile needs explicit layouts. BENCHMARKS.md says why a 64-row warpgroup kernel is the
+exp lower); the private interpreter (`jax._src.pallas.mosaic_gpu.interpret`) runs wgmma only
+on plain SMEM refs: not on refs with those transforms, not with A from registers or B through
+`transpose_ref`, and not with layout casts (an iota with a layout), so an interpreted kernel
+would differ from the compiled one exactly where the layouts are; `jnp.cumsum` has no lowering
+(a wgmma with a triangular 0/1 matrix does, which chunk_math's `ops.cumsum` could be), and a
+row or column sum broadcast back over the tile needs explicit layouts. BENCHMARKS.md says why a 64-row warpgroup kernel is the
 likely next step for the backward.
 
 Design (sequence split, as fla's chunk_h_split): the scan-ordered chunks of one (batch, head)
