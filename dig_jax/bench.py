@@ -225,6 +225,17 @@ def _build(config):
   return jax.jit(step, donate_argnums=0), init_state, params_count, latent
 
 
+def step_flop_fields(config, fwd: float) -> dict:
+  """A row's mode fields and FLOPs per image (GFLOP) from the forward's FLOPs per image: a
+  training step is 3 forwards; a denoising step one, or two with guidance (both halves)."""
+  if config.get("mode", "train") == "sample":
+    passes = 1 if config["cfg_scale"] == 1.0 else 2
+    return dict(mode="sample", sample_steps=config["sample_steps"],
+                cfg_scale=config["cfg_scale"], fwd_gflops_per_image=fwd / 1e9,
+                step_gflops_per_image=passes * fwd / 1e9)
+  return dict(mode="train", fwd_gflops_per_image=fwd / 1e9, train_gflops_per_image=3 * fwd / 1e9)
+
+
 def _build_sampler(config):
   """One guided DDPM denoising step as sample.py runs it, in the training step's form:
   step({"params", "x"}, {"label", "t"}) -> (state with the next x, metrics)."""
@@ -359,16 +370,9 @@ def run_config(config, progress=print) -> dict:
              "reference": reference.CHUNK}.get(backend, chunk)
     row.update(impl=backend, gla_chunk=chunk, conv_backend=config.get("conv_backend", "auto"))
   fwd = flops.forward_flops(name, px, gla_chunk=chunk, **shape_overrides)
-  sampling = config.get("mode", "train") == "sample"
-  if sampling:  # per denoising step: the forward, on both halves with guidance
-    passes = 1 if config["cfg_scale"] == 1.0 else 2
-    row.update(mode="sample", sample_steps=config["sample_steps"],
-               cfg_scale=config["cfg_scale"], step_gflops_per_image=passes * fwd / 1e9)
-    step_flops = passes * fwd * batch
-  else:
-    row.update(mode="train", train_gflops_per_image=3 * fwd / 1e9)
-    step_flops = 3 * fwd * batch
-  row["fwd_gflops_per_image"] = fwd / 1e9
+  row.update(step_flop_fields(config, fwd))
+  sampling = row["mode"] == "sample"
+  step_flops = _gflops(row) * 1e9 * batch
   if family == "DiT" and config["impl"] == "cudnn" and row["platform"] != "gpu":
     row.update(status="skipped", error="cuDNN attention needs a GPU")
     return row
@@ -708,12 +712,8 @@ def main(argv=None):
       overrides = {k: config[k] for k in ("depth", "hidden_size") if config.get(k)}
       if config.get("hidden_size"):
         overrides["num_heads"] = max(1, config["hidden_size"] // 64)
-      fwd = flops.forward_flops(config["model"], config["px"], **overrides) / 1e9
-      if args.mode == "sample":
-        row.update(mode="sample", sample_steps=args.sample_steps, cfg_scale=args.cfg_scale,
-                   step_gflops_per_image=fwd * (1 if args.cfg_scale == 1.0 else 2))
-      else:
-        row.update(mode="train", train_gflops_per_image=3 * fwd)
+      row.update(step_flop_fields(config, flops.forward_flops(config["model"], config["px"],
+                                                              **overrides)))
     if row.get("status") == "ok" and peak:
       row["mfu"] = row["achieved_tflops"] / peak
     row["matmul_tflops"] = peak

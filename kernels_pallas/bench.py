@@ -7,8 +7,8 @@ bf16 q, k, v and fp32 log-gates (DiG's: log_sigmoid(x) / 16); warm-up, then the 
 many runs, rotating among input sets so that small shapes do not run from L2.
 `--check` first compares every backend with the token-by-token reference on this device.
 `--variants C64D16,L4W8,old=PATH` also times the GPU kernel with other settings (chunk, diagonal
-block, chunks per sequence block, warps, pipelining stages), and an older kernel module (a copy of a previous
-pallas_gpu.py) through the same custom_vjp, side by side.
+block, chunks per sequence block, warps, pipelining stages), and an older kernel module (a copy
+of a previous pallas_gpu.py) through the same custom_vjp, side by side.
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def hbm_floor_ms(b, t, h, kd, vd):
   return b * h * t * (24 * kd + 10 * vd) / HBM_BYTES_PER_S * 1e3
 
 
-def _median_ms(fn, input_sets, runs, batch_ms=2.0):
+def median_ms(fn, input_sets, runs, batch_ms=2.0):
   """Median time of one call. Each timed sample is a batch of back-to-back calls lasting about
   `batch_ms` (one sync per batch): single synced calls of well under a millisecond measured
   launch gaps and low clocks as much as the kernels (20-40 % spread between runs)."""
@@ -78,7 +78,7 @@ def _timed_pair(f, input_sets, runs):
     o, vjp = jax.vjp(f, *a[:-1])
     return vjp(a[-1])
 
-  return _median_ms(fwd, input_sets, runs), _median_ms(jax.jit(fwd_bwd), input_sets, runs)
+  return median_ms(fwd, input_sets, runs), median_ms(jax.jit(fwd_bwd), input_sets, runs)
 
 
 def _n_sets(nbytes):

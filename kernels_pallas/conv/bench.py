@@ -17,7 +17,7 @@ import json
 import jax
 import jax.numpy as jnp
 
-from kernels_pallas.bench import HBM_BYTES_PER_S, _median_ms
+from kernels_pallas.bench import HBM_BYTES_PER_S, median_ms
 from kernels_pallas.conv import pallas_gpu, reference
 from kernels_pallas.settings import module_settings
 
@@ -73,8 +73,8 @@ def time_chain(conv, shape, layers, runs):
   """(forward, forward + backward) microseconds per layer."""
   forward, grad = chain_fns(conv, layers)
   x, kernels, biases, dy = chain_inputs(shape, layers)
-  fwd = _median_ms(forward, [(x, kernels, biases)], runs)
-  both = _median_ms(grad, [(x, kernels, biases, dy)], runs)
+  fwd = median_ms(forward, [(x, kernels, biases)], runs)
+  both = median_ms(grad, [(x, kernels, biases, dy)], runs)
   return fwd * 1e3 / layers, both * 1e3 / layers
 
 
@@ -139,16 +139,17 @@ def main(argv=None):
 
   rows, result = [], {"device": str(jax.devices()[0].device_kind), "layers": args.layers}
   for name, shape in shapes.items():
-    if kernel and not pallas_gpu.supports(*shape[1:]):
+    with_kernel = kernel and pallas_gpu.supports(*shape[1:])
+    if kernel and not with_kernel:
       print(f"{name}: the kernel does not support {shape}; timing the reference only")
-    if args.check and kernel and pallas_gpu.supports(*shape[1:]):
+    if args.check and with_kernel:
       err = check(shape, min(args.layers, 4), args.interpret)
       result.setdefault("check", {})[name] = err
       print(f"{name}: kernel vs reference, float32 chain gradients: {err:.2e} relative RMS",
             flush=True)
     runs = [("reference", lambda s=shape: time_chain(reference.depthwise_conv3x3, s,
                                                      args.layers, args.runs))]
-    if kernel and pallas_gpu.supports(*shape[1:]):
+    if with_kernel:
       runs.append(("pallas_gpu", lambda s=shape: time_chain(_kernel(args.interpret), s,
                                                             args.layers, args.runs)))
       for tile in tiles:
