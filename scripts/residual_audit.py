@@ -5,7 +5,7 @@
 Lists `saved_residuals` of one block's vjp (w.r.t. its input and parameters) in bf16 compute,
 item by item, and the per-token sum of the residuals that scale with the number of tokens.
 The token mixers are the GPU paths: DiG's GLA with the `pallas_gpu` kernel in interpret mode
-(traced only; its custom_vjp keeps q, k, v, g and per-block states) and DiT's attention with a
+(traced only; its custom_vjp keeps the packed q, k, v array, g and per-block states) and DiT's attention with a
 stand-in for cuDNN's custom_vjp (keeps q, k, v, o and the fp32 softmax statistics, as
 jax._src.cudnn.fused_attention_stablehlo does).
 
@@ -17,13 +17,14 @@ at its peak, see scripts/memory_probe.py.
 --compile also prints the CPU proxy (a weak one: the CPU compiler converts bf16 matmul
 operands to fp32 and fuses differently): temp bytes of a compiled bf16 loss+grad of a small
 model (depths 2 and 4, batch 4, 32x32 latents), its per-block slope, and a rough step time.
-There the GLA is a cheap placeholder with a custom_vjp that keeps exactly q, k, v, g, as the
-kernel does (the jnp reference's fp32 chunk temporaries would hide the residuals on CPU).
+There the GLA is a cheap placeholder with a custom_vjp that keeps exactly the packed q, k, v
+array and g, as the kernel does (the jnp reference's fp32 chunk temporaries would hide the residuals on CPU).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import math
 import time
 from unittest import mock
@@ -73,19 +74,27 @@ def _cheap_gla(q, k, v, g):
   return (v * w).astype(v.dtype)
 
 
-@jax.custom_vjp
-def _kernel_like(q, k, v, g):
+def _cheap_packed_gla(qkv, g, value_dim):
+  b, t, h, kd = g.shape
+  q, k, v = (qkv[..., a:a + h * d].reshape(b, t, h, d)
+             for a, d in ((0, kd), (h * kd, kd), (2 * h * kd, value_dim)))
   return _cheap_gla(q, k, v, g)
 
 
-_kernel_like.defvjp(lambda q, k, v, g: (_cheap_gla(q, k, v, g), (q, k, v, g)),
-                    lambda res, do: jax.vjp(_cheap_gla, *res)[1](do))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _kernel_like(qkv, g, value_dim):
+  return _cheap_packed_gla(qkv, g, value_dim)
 
 
-def kernel_like_gla(q, k, v, g, **_):
-  """chunk_gla stand-in for CPU compiles: keeps q, k, v, g, as the GPU kernel does (less its
-  small per-block states); its values are not GLA's."""
-  return _kernel_like(q, k, v, g), None
+_kernel_like.defvjp(
+    lambda qkv, g, value_dim: (_cheap_packed_gla(qkv, g, value_dim), (qkv, g)),
+    lambda value_dim, res, do: jax.vjp(lambda *a: _cheap_packed_gla(*a, value_dim), *res)[1](do))
+
+
+def kernel_like_gla(qkv, g, *, value_dim, **_):
+  """chunk_gla_packed stand-in for CPU compiles: keeps the packed q, k, v array and g, as the
+  GPU kernel does (less its small per-block states); its values are not GLA's."""
+  return _kernel_like(qkv, g, value_dim), None
 
 
 @contextlib.contextmanager
@@ -93,7 +102,7 @@ def gpu_like_mixers(gla_stand_in: bool):
   """DiT attention as cuDNN's residuals; DiG's GLA as the kernel's (stand-in or interpret)."""
   patches = [mock.patch.object(dit.jax.nn, "dot_product_attention", cudnn_like)]
   if gla_stand_in:
-    patches.append(mock.patch.object(gla, "chunk_gla", kernel_like_gla))
+    patches.append(mock.patch.object(gla, "chunk_gla_packed", kernel_like_gla))
   with contextlib.ExitStack() as stack:
     for p in patches:
       stack.enter_context(p)

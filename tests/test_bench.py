@@ -73,7 +73,10 @@ def test_dig_flops_match_jaxpr_outside_the_gla_kernel(monkeypatch):
   """The projections, SwiGLU (down projection included), gate, embedders and final layer:
   the jaxpr with the GLA kernel stubbed out has exactly the analytic matmuls less mixer_core."""
   import dig_jax.models.gla as gla_module
-  monkeypatch.setattr(gla_module, "chunk_gla", lambda q, k, v, g, **kw: (v * 1, None))
+  def stub(qkv, g, *, value_dim, **kw):  # o = v: no matmul
+    b, t, h, kd = g.shape
+    return qkv[..., 2 * h * kd:h * (2 * kd + value_dim)].reshape(b, t, h, value_dim), None
+  monkeypatch.setattr(gla_module, "chunk_gla_packed", stub)
   name, latent = "DiG-S/2", 16
   model = create_model(name, input_size=latent, in_channels=4, num_classes=10,
                        rngs=nnx.Rngs(0), **TINY)

@@ -9,7 +9,7 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 from jax.extend.core import jaxprs_in_params
 
-from kernels_pallas.gla import chunk_gla, chunk_math, pallas_gpu, reference
+from kernels_pallas.gla import chunk_gla, chunk_gla_packed, chunk_math, pallas_gpu, reference
 
 KERNELS = ("pallas_gpu", "pallas_tpu")
 TOLERANCE = {jnp.float32: 1e-4, jnp.bfloat16: 5e-3}
@@ -224,7 +224,7 @@ def test_kernel_head_dim_limits_are_named(kd, vd, bad):
 def test_kernel_runs_per_batch_shard_under_a_mesh():
   """On 8 devices (data 2 x fsdp 4) each Pallas call sees 1 of the 8 examples (XLA would
   otherwise gather the whole batch onto every device), results match the token-by-token
-  reference, and the sharded program lowers for cuda and tpu."""
+  reference, and the sharded program lowers for cuda and tpu; chunk_gla_packed too."""
   import json
   import os
   import subprocess
@@ -239,6 +239,10 @@ def test_kernel_runs_per_batch_shard_under_a_mesh():
   assert result["kernel_batch_sizes"] and set(result["kernel_batch_sizes"]) == {1}
   assert result["loss_rel_err"] < 1e-4 and max(result["grad_rel_errs"]) < 1e-4
   assert result["lowers"] == {"cuda": True, "tpu": True}
+  # chunk_gla_packed (the GLA layer's entry point) likewise
+  assert result["packed_kernel_batch_sizes"]
+  assert set(result["packed_kernel_batch_sizes"]) == {1}
+  assert max(result["packed_rel_errs"]) < 1e-4
 
 
 def _eqns(jaxpr):
@@ -289,3 +293,95 @@ def test_score_factors_are_anchored_at_each_blocks_mid_row(reverse, backend):
     np.testing.assert_allclose(np.log(np.asarray(fq)), -np.abs(big_g - big_g[mid]), atol=1e-4)
   mid = np.arange(c) // diag * diag + (diag // 2 if reverse else diag // 2 - 1)
   np.testing.assert_allclose(np.log(np.asarray(terms[-1][0])), big_g - big_g[mid], atol=1e-4)
+
+
+def _pack(q, k, v, trailing):
+  """[q heads | k heads | v heads | trailing columns], as one projection matmul writes them."""
+  b, t = q.shape[:2]
+  return jnp.concatenate([x.reshape(b, t, -1) for x in (q, k, v)] + [trailing], axis=-1)
+
+
+PACKED_CASES = {  # B, T, H, K, V, dtype, reverse, initial state, trailing columns, block chunks
+    "bf16 K=32 V=64, reverse, h0, trailing": (2, 64, 3, 32, 64, jnp.bfloat16, True, True, 20,
+                                              None),
+    "several blocks, V tiles": (1, 96, 2, 32, 64, jnp.float32, False, False, 0, 2),
+    "T%C!=0 (sliced, chunk_gla)": (1, 40, 2, 16, 32, jnp.float32, False, True, 5, None),
+}
+
+
+@pytest.mark.parametrize("case", list(PACKED_CASES))
+def test_packed_gla_matches_recurrent_reference(monkeypatch, case):
+  """chunk_gla_packed on [q | k | v | other columns] against the token-by-token reference on the
+  three parts: output, final state and the gradients (the other columns' gradient is zero)."""
+  b, t, h, kd, vd, dtype, reverse, with_h0, extra, block_chunks = PACKED_CASES[case]
+  monkeypatch.setattr(pallas_gpu, "BLOCK_CHUNKS", block_chunks)
+  (q, k, v, g, h0), (do, dht) = _inputs(7, b, t, h, kd, vd, dtype, False)
+  trailing = jax.random.normal(jax.random.PRNGKey(8), (b, t, extra), dtype)
+  qkv = _pack(q, k, v, trailing)
+  init = h0 if with_h0 else None
+
+  def kernel(qkv, g, h0):
+    return chunk_gla_packed(qkv, g, value_dim=vd, initial_state=h0, output_final_state=True,
+                            reverse=reverse, backend="pallas_gpu", interpret=True)
+
+  def truth(qkv, g, h0):
+    parts = [qkv[..., a:a + h * d].reshape(b, t, h, d).astype(jnp.float32)
+             for a, d in ((0, kd), (h * kd, kd), (2 * h * kd, vd))]
+    return reference.recurrent_gla(*parts, g, initial_state=h0, output_final_state=True,
+                                   reverse=reverse)
+
+  results = []
+  for fn in (kernel, truth):
+    out, vjp = jax.vjp(fn, qkv, g, init)
+    results.append((*out, *vjp((do.astype(out[0].dtype), dht))))
+  got, want = results
+  assert got[0].dtype == dtype
+  np.testing.assert_array_equal(got[2][..., h * (2 * kd + vd):], 0)
+  names = ["o", "ht", "dqkv", "dg"] + (["dh0"] if with_h0 else [])
+  errors = {n: _rel_rms(a, w) for n, a, w in zip(names, got, want)}
+  assert all(e < TOLERANCE[dtype] for e in errors.values()), errors
+
+
+def test_packed_gla_reads_and_writes_the_packed_array_in_place():
+  """On the GPU path the kernels take the packed array itself (no q, k, v sliced out of it)
+  and the backward writes the packed gradient (no concatenation)."""
+  b, t, h, kd, vd = 1, 64, 2, 32, 64
+  (q, k, v, g, _), _ = _inputs(3, b, t, h, kd, vd, jnp.float32, False)
+  qkv = _pack(q, k, v, jnp.ones((b, t, 16)))
+
+  def loss(qkv, g):
+    return jnp.sum(chunk_gla_packed(qkv, g, value_dim=vd, backend="pallas_gpu",
+                                    interpret=True)[0])
+
+  jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(qkv, g).jaxpr
+  kernels = [e for e in _eqns(jaxpr) if e.primitive.name == "pallas_call"]
+  assert any(x.aval.shape == qkv.shape for e in kernels for x in e.invars)
+  assert any(x.aval.shape == (b, t, h * (2 * kd + vd)) for e in kernels for x in e.outvars)
+  copies = {"slice", "concatenate", "split", "dynamic_slice"}
+  outside = [e.primitive.name for e in jaxpr.eqns if e.primitive.name in copies]
+  assert not outside, outside
+
+
+def test_packed_gla_width_errors_name_the_values():
+  g = jnp.zeros((1, 16, 2, 32), jnp.float32)
+  with pytest.raises(ValueError, match="width 100 cannot hold"):
+    chunk_gla_packed(jnp.ones((1, 16, 100)), g, value_dim=64)
+  with pytest.raises(ValueError, match="same B, T"):
+    chunk_gla_packed(jnp.ones((1, 8, 256)), g)
+
+
+def test_packed_gpu_kernels_lower():
+  """Packed, with trailing columns and many sequence blocks: all five GPU kernels lower for
+  cuda, forward and backward."""
+  b, t, h, kd, vd = 1, 4096, 2, 32, 64
+
+  def loss(qkv, g):
+    o, _ = chunk_gla_packed(qkv, g, value_dim=vd, reverse=True, backend="pallas_gpu")
+    return jnp.sum(o.astype(jnp.float32))
+
+  args = (jax.ShapeDtypeStruct((b, t, h * (2 * kd + vd) + 48), jnp.bfloat16),
+          jax.ShapeDtypeStruct((b, t, h, kd), jnp.float32))
+  text = jax.jit(jax.grad(loss, argnums=(0, 1))).trace(*args).lower(
+      lowering_platforms=("cuda",)).as_text()
+  for name in ("gla_fwd_states", "gla_fwd", "gla_bwd_states", "gla_chunk_states", "gla_bwd"):
+    assert name in text, name

@@ -112,13 +112,19 @@ def test_forget_gate_derivative_from_its_output():
   assert np.all(np.isfinite(got))
 
 
-def _kernel_like_chunk_gla(q, k, v, g, *, reverse=False, **_):
-  """chunk_gla with the GPU kernel's residuals (q, k, v, g) and the reference's values."""
-  fn = jax.custom_vjp(lambda q, k, v, g: reference.chunked_gla(q, k, v, g, reverse=reverse)[0])
-  fn.defvjp(lambda *a: (fn(*a), a),
-            lambda res, do: jax.vjp(lambda *a: reference.chunked_gla(
-                *a, reverse=reverse)[0], *res)[1](do))
-  return fn(q, k, v, g), None
+def _kernel_like_chunk_gla_packed(qkv, g, *, value_dim, reverse=False, **_):
+  """chunk_gla_packed with the GPU kernel's residuals (the packed array itself and g) and the
+  reference's values."""
+  h, kd = g.shape[2:]
+
+  def values(qkv, g):
+    b, t = qkv.shape[:2]
+    parts = [qkv[..., a:a + h * d].reshape(b, t, h, d)
+             for a, d in ((0, kd), (h * kd, kd), (2 * h * kd, value_dim))]
+    return reference.chunked_gla(*parts, g, reverse=reverse)[0]
+  fn = jax.custom_vjp(values)
+  fn.defvjp(lambda *a: (fn(*a), a), lambda res, do: jax.vjp(values, *res)[1](do))
+  return fn(qkv, g), None
 
 
 _ITEMSIZE = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "bool": 1}
@@ -149,7 +155,7 @@ def test_dig_block_keeps_no_recomputable_pieces():
                        gla_backend="reference", rngs=nnx.Rngs(0))
   x = jnp.ones((3, 8, 8, 384), jnp.bfloat16)
   c = jnp.ones((3, 384), jnp.bfloat16)
-  with mock.patch.object(gla, "chunk_gla", _kernel_like_chunk_gla):
+  with mock.patch.object(gla, "chunk_gla_packed", _kernel_like_chunk_gla_packed):
     rows = saved_residual_bytes(block, x, c, tokens=3 * 64)
   text = "\n".join(f"{b:8.0f} {d}" for b, d in rows)
   for where in ("_gated_output", "SwiGLU.__call__", "'log_sigmoid'"):

@@ -5,10 +5,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from kernels_pallas.gla import chunk_gla
+from kernels_pallas.gla import chunk_gla_packed
 
 HEAD_KEY_DIM = 32  # key_dim = D/2 and value_dim = D, so every DiG size has d_k 32, d_v 64
 # xavier_uniform with gain 2 ** -2.5 (variance scale = gain ** 2), as the reference initialises GLA
@@ -46,17 +45,19 @@ class GatedLinearAttention(nnx.Module):
     """x: [N, T, D] tokens in this layer's scan order; `reverse` scans from the last token."""
     n, t, _ = x.shape
     heads = self.num_heads
-    q, k, v, out_gate, gk_low = self._input_projections(x)
-    q, k, v = (y.reshape(n, t, heads, -1) for y in (q, k, v))
+    y = self._input_projections(x)  # [q | k | v | output gate | low-rank gate input]
+    qkv_width = 2 * self.key_dim + self.value_dim
     # Forget gate in log space, fp32: log(sigmoid(.) ** (1/16)), always <= 0.
-    gk = self.gk_up(gk_low).astype(jnp.float32).reshape(n, t, heads, -1)
-    gk = _log_sigmoid_scaled(gk, self.gate_logit_normalizer)
-    o, _ = chunk_gla(q, k, v, gk, reverse=reverse, backend=self.backend,
-                     interpret=self.interpret)
-    # Norm and gate recomputed in the backward from o and out_gate (kept anyway): XLA then
-    # keeps neither the o_proj input nor the whole fused projection output, which it otherwise
-    # held to read out_gate as a slice of it (seen in an H100 buffer dump).
-    return jax.checkpoint(lambda o, g: self._gated_output(o, g, x.dtype))(o, out_gate)
+    gk = self.gk_up(y[..., qkv_width + self.value_dim:]).astype(jnp.float32)
+    gk = _log_sigmoid_scaled(gk.reshape(n, t, heads, -1), self.gate_logit_normalizer)
+    # The kernels read q, k and v in place from y (no copies sliced out of it).
+    o, _ = chunk_gla_packed(y, gk, value_dim=self.value_dim // heads, reverse=reverse,
+                            backend=self.backend, interpret=self.interpret)
+    # Norm and gate recomputed in the backward from o and y (both kept anyway: y holds q, k,
+    # v for the kernel's backward), the output gate read from y inside: XLA then keeps neither
+    # the o_proj input nor a copy of the output gate.
+    gate = lambda y: y[..., qkv_width:qkv_width + self.value_dim]
+    return jax.checkpoint(lambda o, y: self._gated_output(o, gate(y), x.dtype))(o, y)
 
   def _gated_output(self, o, out_gate, dtype):
     """o_proj(RMSNorm_per_head(o) * swish(out_gate)); o: [N, T, H, V/H] -> [N, T, D]."""
@@ -67,15 +68,14 @@ class GatedLinearAttention(nnx.Module):
     return self.o_proj(o * nnx.silu(out_gate))
 
   def _input_projections(self, x):
-    """q, k, v, the output gate and the low-rank forget-gate input: the five bias-free linears
-    of x as one matmul (x is read once; the backward has one dx matmul, not five and a sum).
-    The parameters stay five separate kernels, as in the reference."""
+    """q, k, v (heads in order, `chunk_gla_packed`'s layout), the output gate and the
+    low-rank forget-gate input, side by side: the five bias-free linears of x as one matmul
+    (x is read once; the backward has one dx matmul, not five and a sum). The parameters stay
+    five separate kernels, as in the reference."""
     layers = (self.q_proj, self.k_proj, self.v_proj, self.g_proj, self.gk_down)
     kernel = jnp.concatenate([layer.kernel[...] for layer in layers], axis=1)
     dtype = self.q_proj.dtype or jnp.result_type(x, kernel)  # as nnx.Linear promotes
-    y = jnp.dot(x.astype(dtype), kernel.astype(dtype), precision=self.q_proj.precision)
-    ends = np.cumsum([layer.out_features for layer in layers])[:-1]
-    return jnp.split(y, ends, axis=-1)
+    return jnp.dot(x.astype(dtype), kernel.astype(dtype), precision=self.q_proj.precision)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))

@@ -108,6 +108,32 @@ _pallas_gla.defvjp(_pallas_gla_fwd, _pallas_gla_bwd)
 _KERNELS = {"pallas_gpu": pallas_gpu, "pallas_tpu": pallas_tpu}
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _packed_gpu_gla(qkv, g, h0, vd, scale, reverse, interpret):
+  """The GPU kernels on packed q, k, v (`chunk_gla_packed`): the same three refs of one array."""
+  return _packed_gpu_gla_fwd(qkv, g, h0, vd, scale, reverse, interpret)[0]
+
+
+def _packed_gpu_gla_fwd(qkv, g, h0, vd, scale, reverse, interpret):
+  o, ht, states = pallas_gpu.forward(qkv, qkv, qkv, g, h0, scale=scale, reverse=reverse,
+                                     packed_vd=vd, interpret=interpret)
+  return (o, ht), (qkv, g, states)
+
+
+def _packed_gpu_gla_bwd(vd, scale, reverse, interpret, residuals, cotangents):
+  # As in _pallas_gla_bwd: the barrier keeps the backward's work out of the forward.
+  (qkv, g, states), (do, dht) = jax.lax.optimization_barrier((residuals, cotangents))
+  dqkv, dg, dh0 = pallas_gpu.backward(qkv, qkv, qkv, g, do.astype(qkv.dtype), states, dht,
+                                      None, scale=scale, reverse=reverse, packed_vd=vd,
+                                      interpret=interpret)
+  # Columns after the packed q, k, v are not read: zero gradient (a pad XLA fuses into the
+  # consumer, e.g. the sum with the other columns' gradients).
+  return _pad_axis(dqkv, 2, qkv.shape[-1]), dg, dh0
+
+
+_packed_gpu_gla.defvjp(_packed_gpu_gla_fwd, _packed_gpu_gla_bwd)
+
+
 def _run_pallas(q, k, v, g, initial_state, scale, reverse, backend, interpret):
   """Pads T to whole chunks (zero keys and log-gates change nothing) and, for the GPU
   (Triton needs power-of-two tiles), K and V to powers of two; then runs the kernels."""
@@ -163,4 +189,68 @@ def chunk_gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state=
         q, k, v, g)
   else:
     o, ht = batch_sharding.batch_sharded(run, mesh, (True,) * 5, 2)(q, k, v, g, initial_state)
+  return o, (ht if output_final_state else None)
+
+
+def _unpack(qkv, heads, kd, vd):
+  b, t, _ = qkv.shape
+  q, k, v = (qkv[..., a:e] for a, e in ((0, heads * kd), (heads * kd, 2 * heads * kd),
+                                        (2 * heads * kd, heads * (2 * kd + vd))))
+  return (q.reshape(b, t, heads, kd), k.reshape(b, t, heads, kd),
+          v.reshape(b, t, heads, vd))
+
+
+def _packed_kernel_takes(g, heads, kd, vd):
+  """Whether the GPU kernels read this packed array in place: whole chunks, power-of-two head
+  dims (Triton tiles; `_run_pallas` pads otherwise) and v starting on a V boundary."""
+  pow2 = lambda d: d == _next_pow2(d) and _KERNEL_DIMS[0] <= d <= _KERNEL_DIMS[1]
+  return (g.shape[1] % pallas_gpu.CHUNK == 0 and pow2(kd) and pow2(vd)
+          and pallas_gpu.packed_layout_ok(heads, kd, vd))
+
+
+def chunk_gla_packed(qkv, g, *, value_dim=None, scale=None, initial_state=None,
+                     output_final_state=False, reverse=False, backend="auto", interpret=False):
+  """`chunk_gla` with q, k and v packed in one array, as one projection matmul writes them.
+
+  Args:
+    qkv: [B, T, W]: its first H * (2K + V) columns are [q (H heads of K) | k (H heads of K) |
+      v (H heads of V)]; later columns (other projections of the same matmul) are not read
+      and get a zero gradient.
+    g: [B, T, H, K] float32 log-decay; gives H and K.
+    value_dim: V; default: W / H - 2K (no later columns).
+    The other arguments are `chunk_gla`'s.
+  The GPU kernels read q, k and v in place, so no copies of them are sliced out of the packed
+  array; their gradient comes back in the same layout (padded with the zero columns, which XLA
+  fuses into the sum with the later columns' gradients). They take whole chunks (T a multiple
+  of `pallas_gpu.CHUNK`), power-of-two K and V, and 2 H K a multiple of V; other shapes and
+  backends slice the array and run `chunk_gla` (same results).
+  Returns:
+    (o [B, T, H, V] in qkv's dtype, final_state or None).
+  """
+  if qkv.ndim != 3 or g.ndim != 4 or qkv.shape[:2] != g.shape[:2]:
+    raise ValueError(f"chunk_gla_packed: qkv must be [B, T, W] and g [B, T, H, K] with the "
+                     f"same B, T; got qkv {qkv.shape}, g {g.shape}")
+  heads, kd = g.shape[2:]
+  vd = qkv.shape[-1] // heads - 2 * kd if value_dim is None else value_dim
+  if vd < 1 or heads * (2 * kd + vd) > qkv.shape[-1] or (
+      value_dim is None and qkv.shape[-1] % heads):
+    raise ValueError(f"chunk_gla_packed: qkv width {qkv.shape[-1]} cannot hold H * (2K + V) "
+                     f"columns for H={heads}, K={kd} (from g) and V={value_dim or 'W / H - 2K'}")
+  chosen = resolve_backend(backend, qkv)
+  if chosen != "pallas_gpu" or not _packed_kernel_takes(g, heads, kd, vd):
+    return chunk_gla(*_unpack(qkv, heads, kd, vd), g, scale=scale, initial_state=initial_state,
+                     output_final_state=output_final_state, reverse=reverse, backend=chosen,
+                     interpret=interpret)
+  b, t = qkv.shape[:2]
+  views = (jax.ShapeDtypeStruct((b, t, heads, d), qkv.dtype) for d in (kd, kd, vd))
+  _check_inputs(*views, g, initial_state)
+  scale = kd ** -0.5 if scale is None else float(scale)
+  run = lambda qkv, g, h0: _packed_gpu_gla(qkv, g, h0, vd, scale, reverse, interpret)
+  h0 = (jnp.zeros((b, heads, kd, vd), jnp.float32) if initial_state is None
+        else initial_state.astype(jnp.float32))
+  mesh = batch_sharding.ambient_mesh(b)
+  if mesh is None:
+    o, ht = run(qkv, g, h0)
+  else:
+    o, ht = batch_sharding.batch_sharded(run, mesh, (True,) * 3, 2)(qkv, g, h0)
   return o, (ht if output_final_state else None)

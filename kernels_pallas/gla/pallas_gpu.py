@@ -51,7 +51,11 @@ the floored gates; a decay of e^-10 per token already erases the state). DIAG = 
 exact scheme (recursive halving down to single rows) for any gates.
 
 Layout: the kernels read q, k, v, g and write o in the caller's [B, T, H, D] layout (no
-transposes). `reverse=True` only changes which chunk index a step reads and the direction of
+transposes). Packed (`packed_vd`, api.chunk_gla_packed), q, k and v are the column blocks of
+one [B, T, W] array (a projection matmul's output) and each program's BlockSpecs pick its
+head's blocks along the last axis, so nothing is sliced out of it; the backward then writes
+dq, dk and dv into one packed gradient, every program of a batch row writing its head's
+columns of the row's shared block. `reverse=True` only changes which chunk index a step reads and the direction of
 the in-chunk masks; blocks and per-block arrays are numbered in scan order.
 """
 from __future__ import annotations
@@ -219,8 +223,11 @@ def _bwd_states_kernel(q_ref, g_ref, do_ref, w_ref, *, chunk, n_chunks, size, sc
 
 def _bwd_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, states_ref, ds_ref, dgc_ref,
                 dq_ref, dk_ref, dv_ref, dg_ref, ds_in_ref, *, chunk, n_chunks, size, scale,
-                reverse, diag):
+                reverse, diag, grad_cols=(0, 0, 0)):
+  """grad_cols: the first columns of dq, dk and dv in their refs (the packed gradient)."""
   walk = _Walk(pl.program_id(2), n_chunks, size, chunk, reverse, diag)
+  kd, vd = q_ref.shape[-1], v_ref.shape[-1]
+  dq_cols, dk_cols, dv_cols = (pl.ds(c, d) for c, d in zip(grad_cols, (kd, kd, vd)))
 
   def step(n, carry):
     dstate, dg_carry = carry
@@ -229,9 +236,9 @@ def _bwd_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, states_ref, ds_ref, dgc_ref,
         q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], walk.gates(g_ref, rows),
         do_ref[rows, :], states_ref[idx], dstate, dg_carry, scale=scale, reverse=reverse,
         ops=OPS, diag=diag)
-    dq_ref[rows, :] = dq.astype(dq_ref.dtype)
-    dk_ref[rows, :] = dk.astype(dk_ref.dtype)
-    dv_ref[rows, :] = dv.astype(dv_ref.dtype)
+    dq_ref[rows, dq_cols] = dq.astype(dq_ref.dtype)
+    dk_ref[rows, dk_cols] = dk.astype(dk_ref.dtype)
+    dv_ref[rows, dv_cols] = dv.astype(dv_ref.dtype)
     dg_ref[rows, :] = dg
     return dstate, dg_carry
 
@@ -240,6 +247,33 @@ def _bwd_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, states_ref, ds_ref, dgc_ref,
 
 def _seq_spec(t, d, nv=1):  # one (batch, head[, V tile]) slice of [B, T, H, D], all of T
   return pl.BlockSpec((None, t, None, d // nv), lambda b, h, j: (b, 0, h, j % nv))
+
+
+def _dims(g, v, packed):
+  """(B, T, H, K, V): from g [B, T, H, K] and v [B, T, H, V], or packed = (H, V)."""
+  b, t, h, kd = g.shape
+  return b, t, h, kd, (packed[1] if packed else v.shape[-1])
+
+
+def _qkv_specs(t, kd, vd, packed, nv=1):
+  """Block specs of q, k and v (v in `nv` V tiles): one (batch, head) slice each, all of T.
+  Packed (packed = (H, V)), the three are one [B, T, W >= H * (2K + V)] array starting
+  [q heads | k heads | v heads] and each spec picks its head's columns as a block index along
+  the last axis (blocks of K for q and k, of V / nv for v), so the kernels read them in place."""
+  if not packed:
+    return _seq_spec(t, kd), _seq_spec(t, kd), _seq_spec(t, vd, nv)
+  h = packed[0]
+
+  def spec(first, width, tiles=1):  # head i's block: first + i, in blocks of width * tiles
+    return pl.BlockSpec((None, t, width // tiles),
+                        lambda b, i, j: (b, 0, (first + i) * tiles + j % tiles))
+  # v starts at column 2 H K, a whole number of V-blocks (`packed_layout_ok`)
+  return spec(0, kd), spec(h, kd), spec(2 * h * kd // vd, vd, nv)
+
+
+def packed_layout_ok(heads, kd, vd):
+  """Whether the packed layout's v columns start on a V boundary (2 H K a multiple of V)."""
+  return (2 * heads * kd) % vd == 0
 
 
 def _block_spec(d1, d2, nv=1):  # per-block [B, H, NB, d1, d2] arrays, one block each
@@ -308,56 +342,63 @@ def _dstates_leaving(w_local, lam, dht):
           + jnp.exp(q[:, :, -1:] - q)[..., None] * dht[:, :, None])
 
 
-def _fwd_block_states(k, v, g, *, chunk, n_chunks, size, reverse, diag, interpret):
+def _fwd_block_states(k, v, g, *, chunk, n_chunks, size, reverse, diag, packed, interpret):
   """Each block's own state contribution [B, H, NB, K, V] and log-decay [B, H, NB, 1, K]."""
-  b, t, h, kd = k.shape
-  vd = v.shape[-1]
+  b, t, h, kd, vd = _dims(g, v, packed)
   nb = -(-n_chunks // size)
   f32 = jnp.float32
+  _, k_spec, v_spec = _qkv_specs(t, kd, vd, packed)
   return _call(
       functools.partial(_fwd_states_kernel, chunk=chunk, n_chunks=n_chunks, size=size,
                         reverse=reverse, diag=diag), (b, h, nb),
-      [_seq_spec(t, kd), _seq_spec(t, vd), _seq_spec(t, kd)],
+      [k_spec, v_spec, _seq_spec(t, kd)],
       [_block_spec(kd, vd), _block_spec(1, kd)],
       [jax.ShapeDtypeStruct((b, h, nb, kd, vd), f32),
        jax.ShapeDtypeStruct((b, h, nb, 1, kd), f32)], "gla_fwd_states", interpret)(k, v, g)
 
 
-def _bwd_block_states(q, g, do, *, chunk, n_chunks, size, scale, reverse, diag, interpret):
+def _bwd_block_states(q, g, do, *, chunk, n_chunks, size, scale, reverse, diag, packed,
+                      interpret):
   """Each block's queries' contribution to the gradient of the state entering it."""
-  b, t, h, kd = q.shape
-  vd = do.shape[-1]
+  b, t, h, kd, vd = _dims(g, do, False)
   nb = -(-n_chunks // size)
-  qk = _seq_spec(t, kd)
+  q_spec = _qkv_specs(t, kd, vd, packed)[0]
   return _call(
       functools.partial(_bwd_states_kernel, chunk=chunk, n_chunks=n_chunks, size=size,
                         scale=scale, reverse=reverse, diag=diag), (b, h, nb),
-      [qk, qk, _seq_spec(t, vd)],
+      [q_spec, _seq_spec(t, kd), _seq_spec(t, vd)],
       _block_spec(kd, vd), jax.ShapeDtypeStruct((b, h, nb, kd, vd), jnp.float32),
       "gla_bwd_states", interpret)(q, g, do)
 
 
 def forward(q, k, v, g, h0, *, scale, reverse, chunk=None, diag=None, block_chunks=None,
-            interpret=False):
+            packed_vd=None, interpret=False):
   """q, k, g [B, T, H, K]; v [B, T, H, V]; h0 [B, H, K, V] f32; T a multiple of `chunk`
-  (default CHUNK); `diag`: chunk_math's scheme (default DIAG).
+  (default CHUNK); `diag`: chunk_math's scheme (default DIAG). `packed_vd` = V: q, k and v are
+  all the one array [B, T, W] whose first H * (2K + V) columns are [q heads | k heads |
+  v heads] (`packed_layout_ok`), read in place; later columns are not read.
 
   Returns (o, final state, residuals for `backward`).
   """
   chunk, diag = chunk or CHUNK, diag or DIAG
-  size, _ = _blocks(q.shape[1] // chunk, block_chunks, chunk)
+  size, _ = _blocks(g.shape[1] // chunk, block_chunks, chunk)
   return _forward(q, k, v, g, h0, scale=scale, reverse=reverse, chunk=chunk, size=size,
-                  diag=diag, store=not RECOMPUTE_STATES, interpret=interpret, tuning=_tuning())
+                  diag=diag, store=not RECOMPUTE_STATES, packed=_packed(g, packed_vd),
+                  interpret=interpret, tuning=_tuning())
 
 
-_STATIC = ("scale", "reverse", "chunk", "size", "diag", "store", "interpret", "tuning")
+def _packed(g, packed_vd):
+  return None if packed_vd is None else (g.shape[2], packed_vd)
+
+
+_STATIC = ("scale", "reverse", "chunk", "size", "diag", "store", "packed", "interpret", "tuning")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _forward(q, k, v, g, h0, *, scale, reverse, chunk, size, diag, store, interpret, tuning):
+def _forward(q, k, v, g, h0, *, scale, reverse, chunk, size, diag, store, packed, interpret,
+             tuning):
   del tuning  # a cache key only (`_tuning`): the kernels read the module settings
-  b, t, h, kd = q.shape
-  vd = v.shape[-1]
+  b, t, h, kd, vd = _dims(g, v, packed)
   n_chunks = t // chunk
   nb = -(-n_chunks // size)
   common = dict(chunk=chunk, n_chunks=n_chunks, size=size, reverse=reverse, diag=diag)
@@ -365,19 +406,19 @@ def _forward(q, k, v, g, h0, *, scale, reverse, chunk, size, diag, store, interp
   if nb == 1:
     s_in, lam = h0[:, :, None], jnp.zeros((b, h, 1, 1, kd), f32)
   else:
-    u, lam = _fwd_block_states(k, v, g, **common, interpret=interpret)
+    u, lam = _fwd_block_states(k, v, g, **common, packed=packed, interpret=interpret)
     s_in = _states_entering(u, lam, h0)
   nv = v_tiles(b * h * nb, vd)
-  qk = _seq_spec(t, kd)
   out_specs = [_seq_spec(t, vd, nv), _block_spec(kd, vd, nv)]
-  out_shape = [jax.ShapeDtypeStruct(v.shape, v.dtype),
+  out_shape = [jax.ShapeDtypeStruct((b, t, h, vd), v.dtype),
                jax.ShapeDtypeStruct((b, h, nb, kd, vd), f32)]
   if store:
     out_specs.append(_chunk_states_spec(n_chunks, kd, vd, nv))
     out_shape.append(jax.ShapeDtypeStruct((b, h, n_chunks, kd, vd), f32))
+  q_spec, k_spec, v_spec = _qkv_specs(t, kd, vd, packed, nv)
   o, s_out, *states = _call(
       functools.partial(_fwd_kernel, nv=nv, scale=scale, **common), (b, h, nb * nv),
-      [qk, qk, _seq_spec(t, vd, nv), qk, _block_spec(kd, vd, nv)], out_specs, out_shape,
+      [q_spec, k_spec, v_spec, _seq_spec(t, kd), _block_spec(kd, vd, nv)], out_specs, out_shape,
       "gla_fwd", interpret,
   )(q, k, v, g, s_in)
   # The block size, chunk, scheme and state keeping travel in the residuals' shapes (an empty
@@ -392,39 +433,50 @@ def _chunk_states_spec(n_chunks, kd, vd, nv):  # [B, H, NC, K, V]: all chunks of
   return pl.BlockSpec((None, None, n_chunks, kd, vd // nv), lambda b, h, j: (b, h, 0, 0, j % nv))
 
 
-def _chunk_states(k, v, g, s_in, *, chunk, n_chunks, size, reverse, diag, interpret):
+def _chunk_states(k, v, g, s_in, *, chunk, n_chunks, size, reverse, diag, packed, interpret):
   """State entering every chunk [B, H, NC, K, V], recomputed from those entering each block."""
-  b, t, h, kd = k.shape
-  vd = v.shape[-1]
+  b, t, h, kd, vd = _dims(g, v, packed)
   nb = -(-n_chunks // size)
   nv = v_tiles(b * h * nb, vd)
+  _, k_spec, v_spec = _qkv_specs(t, kd, vd, packed, nv)
   return _call(
       functools.partial(_chunk_states_kernel, chunk=chunk, n_chunks=n_chunks, size=size, nv=nv,
                         reverse=reverse, diag=diag), (b, h, nb * nv),
-      [_seq_spec(t, kd), _seq_spec(t, vd, nv), _seq_spec(t, kd), _block_spec(kd, vd, nv)],
+      [k_spec, v_spec, _seq_spec(t, kd), _block_spec(kd, vd, nv)],
       _chunk_states_spec(n_chunks, kd, vd, nv),
       jax.ShapeDtypeStruct((b, h, n_chunks, kd, vd), jnp.float32), "gla_chunk_states",
       interpret)(k, v, g, s_in)
 
 
-def backward(q, k, v, g, do, residuals, dht, dg0, *, scale, reverse, interpret=False):
-  """Returns (dq, dk, dv, dg, dh0). dg0 = sum_V(ht * dht) is recomputed per block from the
-  residuals (it is the last block's carry) and not used."""
+def backward(q, k, v, g, do, residuals, dht, dg0, *, scale, reverse, packed_vd=None,
+             interpret=False):
+  """Returns (dq, dk, dv, dg, dh0); with `packed_vd` (as in `forward`): (dqkv, dg, dh0), dqkv
+  [B, T, H * (2K + V)] in the packed layout, written by the kernel (no concatenation). dg0 = sum_V(ht * dht)
+  is recomputed per block from the residuals (it is the last block's carry) and not used."""
   del dg0
   *residuals, marker = residuals
   size, chunk, diag, stored, _ = marker.shape
   return _backward(q, k, v, g, do, tuple(residuals), dht, scale=scale, reverse=reverse,
-                   chunk=chunk, size=size, diag=diag, store=stored == 2, interpret=interpret,
+                   chunk=chunk, size=size, diag=diag, store=stored == 2,
+                   packed=_packed(g, packed_vd), interpret=interpret,
                    tuning=_tuning())
+
+
+def _packed_bwd_kernel(*refs, heads, kd, vd, **kw):
+  """`_bwd_kernel` writing dq, dk and dv into their columns of one packed gradient (every
+  program of a batch row shares that row's block; each writes only its head's columns)."""
+  *ins, dqkv_ref, dg_ref, ds_in_ref = refs
+  i = pl.program_id(1)
+  cols = (i * kd, (heads + i) * kd, 2 * heads * kd + i * vd)
+  _bwd_kernel(*ins, dqkv_ref, dqkv_ref, dqkv_ref, dg_ref, ds_in_ref, grad_cols=cols, **kw)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def _backward(q, k, v, g, do, residuals, dht, *, scale, reverse, chunk, size, diag, store,
-              interpret, tuning):
+              packed, interpret, tuning):
   del tuning  # a cache key only (`_tuning`)
   states, s_out, lam = residuals  # states: entering each chunk if stored, else each block
-  b, t, h, kd = q.shape
-  vd = v.shape[-1]
+  b, t, h, kd, vd = _dims(g, v, packed)
   n_chunks = t // chunk
   nb = -(-n_chunks // size)
   common = dict(chunk=chunk, n_chunks=n_chunks, size=size, scale=scale, reverse=reverse,
@@ -433,21 +485,29 @@ def _backward(q, k, v, g, do, residuals, dht, *, scale, reverse, chunk, size, di
   qk, vs = _seq_spec(t, kd), _seq_spec(t, vd)
   if not store:
     states = _chunk_states(k, v, g, states, chunk=chunk, n_chunks=n_chunks, size=size,
-                           reverse=reverse, diag=diag, interpret=interpret)
+                           reverse=reverse, diag=diag, packed=packed, interpret=interpret)
   if nb == 1:
     ds_out = dht[:, :, None]
   else:
-    w_local = _bwd_block_states(q, g, do, **common, interpret=interpret)
+    w_local = _bwd_block_states(q, g, do, **common, packed=packed, interpret=interpret)
     ds_out = _dstates_leaving(w_local, lam, dht)
   dgc = jnp.sum(s_out * ds_out, axis=-1)[:, :, :, None, :]  # dg carry at each block's end
-  dq, dk, dv, dg, ds_in = _call(
-      functools.partial(_bwd_kernel, **common), (b, h, nb),
-      [qk, qk, vs, qk, vs,
+  if packed:
+    kernel = functools.partial(_packed_bwd_kernel, heads=h, kd=kd, vd=vd, **common)
+    width = h * (2 * kd + vd)
+    grad_specs = [pl.BlockSpec((None, t, width), lambda b, i, j: (b, 0, 0))]
+    grad_shapes = [jax.ShapeDtypeStruct((b, t, width), v.dtype)]
+  else:
+    kernel = functools.partial(_bwd_kernel, **common)
+    grad_specs = [qk, qk, vs]
+    grad_shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v)]
+  *grads, dg, ds_in = _call(
+      kernel, (b, h, nb),
+      [*_qkv_specs(t, kd, vd, packed), qk, vs,
        pl.BlockSpec((None, None, n_chunks, kd, vd), lambda b, h, j: (b, h, 0, 0, 0)),
        _block_spec(kd, vd), _block_spec(1, kd)],
-      [qk, qk, vs, qk, _block_spec(kd, vd)],
-      [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
-       jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct(g.shape, f32),
+      [*grad_specs, qk, _block_spec(kd, vd)],
+      [*grad_shapes, jax.ShapeDtypeStruct(g.shape, f32),
        jax.ShapeDtypeStruct((b, h, nb, kd, vd), f32)], "gla_bwd", interpret,
   )(q, k, v, g, do, states, ds_out, dgc)
-  return dq, dk, dv, dg, ds_in[:, :, 0]
+  return (*grads, dg, ds_in[:, :, 0])
