@@ -86,7 +86,7 @@ def _n_sets(nbytes):
 
 
 _SETTINGS = {"C": "CHUNK", "D": "DIAG", "L": "BLOCK_CHUNKS", "S": "RECOMPUTE_STATES",
-             "N": "NUM_STAGES"}
+             "N": "NUM_STAGES", "T": "V_TILE_PROGRAMS"}
 _WARPS_OF = {"W": "default", "F": "gla_fwd", "B": "gla_bwd"}  # warps: all, forward, backward
 _FORWARD_WALKS = ("gla_fwd", "gla_fwd_states")  # letter P: their pipelining stages
 
@@ -97,7 +97,8 @@ def _variant_fn(variant):
   S (1: the backward recomputes the per-chunk states, 0: the forward stores them),
   N (software-pipelining stages of every kernel's chunk loop), P (stages of the two forward
   walks only), W (warps of every kernel), F / B (warps of the forward / backward output
-  kernel), each followed by a number, e.g. C64D16B8; or old=PATH."""
+  kernel), T (programs below which the forward walks split V), each followed by a number,
+  e.g. C64D16B8; or old=PATH."""
   if variant.startswith("old="):
     import importlib.util
     spec = importlib.util.spec_from_file_location("pallas_gpu_old", variant[4:])
@@ -217,6 +218,7 @@ def main(argv=None):
                            "L<chunks per block>, S<1 recompute / 0 store chunk states>, "
                            "N<pipelining stages>, P<stages of the forward walks>, W<warps>, "
                            "F/B<forward/backward kernel warps>, "
+                           "T<programs below which forward walks split V>, "
                            "combined (C64D16B8); or old=PATH")
   args = parser.parse_args(argv)
 

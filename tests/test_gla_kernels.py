@@ -100,9 +100,10 @@ def test_gpu_kernel_exact_scheme(monkeypatch, case):
 
 
 def test_gpu_settings_changed_after_a_trace_take_effect(monkeypatch):
-  """Settings the kernels read while traced (here the backward walk's warps) reach the kernels
-  even when the same shapes were traced before with other settings (the jit cache once reused
-  the first trace's kernels, so bench variants and tests setting them changed nothing)."""
+  """Settings the kernels read while traced (the backward walk's warps, the forward's V tiles)
+  reach the kernels even when the same shapes were traced before with other settings (the jit
+  cache once reused the first trace's kernels, so bench variants and tests setting them
+  changed nothing)."""
   (q, k, v, g, _), (do, _) = _inputs(0, 1, 64, 2, 32, 64, jnp.float32, False)
 
   def backward_warps(warps):
@@ -117,6 +118,16 @@ def test_gpu_settings_changed_after_a_trace_take_effect(monkeypatch):
   assert backward_warps(4) == [4]
   assert backward_warps(2) == [2]
   assert backward_warps(8) == [8]
+
+  def forward_grid(min_programs):  # 2 programs (b x h): V tiles while below min_programs
+    monkeypatch.setattr(pallas_gpu, "V_TILE_PROGRAMS", min_programs)
+    f = lambda *a: chunk_gla(*a, backend="pallas_gpu", interpret=True)[0]
+    jaxpr = jax.make_jaxpr(f)(q, k, v, g).jaxpr
+    return [tuple(e.params["grid_mapping"].grid) for e in _eqns(jaxpr)
+            if e.primitive.name == "pallas_call" and str(e.params["name"]) == "gla_fwd"]
+
+  assert forward_grid(2) == [(1, 2, 1)]
+  assert forward_grid(4) == [(1, 2, 2)]
 
 
 # Chunks of 32 rows (a bench setting) take the other in-chunk path of the diag scheme: an

@@ -86,6 +86,9 @@ BLOCK_CHUNKS = None
 # DiG-S/2 at 16k tokens a step). Measured cost: 8-11 % of the kernel's fwd+bwd time on an H100
 # (BENCHMARKS.md). False keeps the forward's states.
 RECOMPUTE_STATES = True
+# The forward and chunk-state walks split V into tiles while batch x heads x blocks is below
+# this many programs (`v_tiles`).
+V_TILE_PROGRAMS = 128
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -289,12 +292,12 @@ def _for_kernel(setting, name, default):
 
 
 def _tuning():
-  """The settings the kernels read while traced (warps and pipelining stages), as a hashable
+  """The settings the kernels read while traced (warps, pipelining stages, V tiles), as a hashable
   value. `_forward` and `_backward` take it as a static argument, so jit's cache
   tells settings apart: without it, a variant traced after the default at the same shapes
   silently reused the default's kernels (a bench or test setting these changed nothing)."""
   freeze = lambda x: tuple(sorted(x.items())) if isinstance(x, dict) else x
-  return freeze(NUM_WARPS), freeze(NUM_STAGES)
+  return freeze(NUM_WARPS), freeze(NUM_STAGES), V_TILE_PROGRAMS
 
 
 def _compiler_params(name):
@@ -305,7 +308,7 @@ def _compiler_params(name):
 def v_tiles(programs, vd):
   """Split V so that few programs (batch x heads x blocks) still fill the GPU."""
   tiles = 1
-  while programs * tiles < 128 and vd // (2 * tiles) >= 32:
+  while programs * tiles < V_TILE_PROGRAMS and vd // (2 * tiles) >= 32:
     tiles *= 2
   return tiles
 
