@@ -55,8 +55,9 @@ transposes). Packed (`packed_vd`, api.chunk_gla_packed), q, k and v are the colu
 one [B, T, W] array (a projection matmul's output) and each program's BlockSpecs pick its
 head's blocks along the last axis, so nothing is sliced out of it; the backward then writes
 dq, dk and dv into one packed gradient, every program of a batch row writing its head's
-columns of the row's shared block. `reverse=True` only changes which chunk index a step reads and the direction of
-the in-chunk masks; blocks and per-block arrays are numbered in scan order.
+columns of the row's shared block. `reverse=True` only changes which chunk index a step
+reads and the direction of the in-chunk masks; blocks and per-block arrays are numbered in
+scan order.
 """
 from __future__ import annotations
 
@@ -292,8 +293,8 @@ def _for_kernel(setting, name, default):
 
 
 def _tuning():
-  """The settings the kernels read while traced (warps, pipelining stages, V tiles), as a hashable
-  value. `_forward` and `_backward` take it as a static argument, so jit's cache
+  """The settings the kernels read while traced (warps, pipelining stages, V tiles), as a
+  hashable value. `_forward` and `_backward` take it as a static argument, so jit's cache
   tells settings apart: without it, a variant traced after the default at the same shapes
   silently reused the default's kernels (a bench or test setting these changed nothing)."""
   freeze = lambda x: tuple(sorted(x.items())) if isinstance(x, dict) else x
@@ -454,8 +455,9 @@ def _chunk_states(k, v, g, s_in, *, chunk, n_chunks, size, reverse, diag, packed
 def backward(q, k, v, g, do, residuals, dht, dg0, *, scale, reverse, packed_vd=None,
              interpret=False):
   """Returns (dq, dk, dv, dg, dh0); with `packed_vd` (as in `forward`): (dqkv, dg, dh0), dqkv
-  [B, T, H * (2K + V)] in the packed layout, written by the kernel (no concatenation). dg0 = sum_V(ht * dht)
-  is recomputed per block from the residuals (it is the last block's carry) and not used."""
+  [B, T, H * (2K + V)] in the packed layout, written by the kernel (no concatenation).
+  dg0 = sum_V(ht * dht) is recomputed per block from the residuals (it is the last block's
+  carry) and not used."""
   del dg0
   *residuals, marker = residuals
   size, chunk, diag, stored, _ = marker.shape
