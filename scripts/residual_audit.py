@@ -35,6 +35,7 @@ from flax import nnx
 from jax._src.ad_checkpoint import saved_residuals
 
 from dig_jax.models import dig, dit, gla, registry
+from kernels_pallas.gla.api import unpack_qkv
 
 
 @jax.custom_vjp
@@ -75,10 +76,7 @@ def _cheap_gla(q, k, v, g):
 
 
 def _cheap_packed_gla(qkv, g, value_dim):
-  b, t, h, kd = g.shape
-  q, k, v = (qkv[..., a:a + h * d].reshape(b, t, h, d)
-             for a, d in ((0, kd), (h * kd, kd), (2 * h * kd, value_dim)))
-  return _cheap_gla(q, k, v, g)
+  return _cheap_gla(*unpack_qkv(qkv, *g.shape[2:], value_dim), g)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))

@@ -11,6 +11,7 @@ from flax import nnx
 
 from conftest import run_cli
 from dig_jax import bench, flops
+from kernels_pallas.gla.api import unpack_qkv
 from dig_jax.models import create_model
 from kernels_pallas.settings import module_settings
 
@@ -74,8 +75,7 @@ def test_dig_flops_match_jaxpr_outside_the_gla_kernel(monkeypatch):
   the jaxpr with the GLA kernel stubbed out has exactly the analytic matmuls less mixer_core."""
   import dig_jax.models.gla as gla_module
   def stub(qkv, g, *, value_dim, **kw):  # o = v: no matmul
-    b, t, h, kd = g.shape
-    return qkv[..., 2 * h * kd:h * (2 * kd + value_dim)].reshape(b, t, h, value_dim), None
+    return unpack_qkv(qkv, *g.shape[2:], value_dim)[2], None
   monkeypatch.setattr(gla_module, "chunk_gla_packed", stub)
   name, latent = "DiG-S/2", 16
   model = create_model(name, input_size=latent, in_channels=4, num_classes=10,

@@ -21,6 +21,7 @@ from conftest import randomize_params
 from dig_jax.models import dig, gla
 from dig_jax.models.scan_order import layer_orientation, orient_conv_kernel
 from kernels_pallas.gla import reference
+from kernels_pallas.gla.api import unpack_qkv
 
 
 def _w(layer):
@@ -115,13 +116,9 @@ def test_forget_gate_derivative_from_its_output():
 def _kernel_like_chunk_gla_packed(qkv, g, *, value_dim, reverse=False, **_):
   """chunk_gla_packed with the GPU kernel's residuals (the packed array itself and g) and the
   reference's values."""
-  h, kd = g.shape[2:]
-
   def values(qkv, g):
-    b, t = qkv.shape[:2]
-    parts = [qkv[..., a:a + h * d].reshape(b, t, h, d)
-             for a, d in ((0, kd), (h * kd, kd), (2 * h * kd, value_dim))]
-    return reference.chunked_gla(*parts, g, reverse=reverse)[0]
+    return reference.chunked_gla(*unpack_qkv(qkv, *g.shape[2:], value_dim), g,
+                                 reverse=reverse)[0]
   fn = jax.custom_vjp(values)
   fn.defvjp(lambda *a: (fn(*a), a), lambda res, do: jax.vjp(values, *res)[1](do))
   return fn(qkv, g), None

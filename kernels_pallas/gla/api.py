@@ -192,7 +192,8 @@ def chunk_gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state=
   return o, (ht if output_final_state else None)
 
 
-def _unpack(qkv, heads, kd, vd):
+def unpack_qkv(qkv, heads, kd, vd):
+  """q, k [B, T, H, K] and v [B, T, H, V] sliced out of `chunk_gla_packed`'s layout."""
   b, t, _ = qkv.shape
   q, k, v = (qkv[..., a:e] for a, e in ((0, heads * kd), (heads * kd, 2 * heads * kd),
                                         (2 * heads * kd, heads * (2 * kd + vd))))
@@ -238,7 +239,7 @@ def chunk_gla_packed(qkv, g, *, value_dim=None, scale=None, initial_state=None,
                      f"columns for H={heads}, K={kd} (from g) and V={value_dim or 'W / H - 2K'}")
   chosen = resolve_backend(backend, qkv)
   if chosen != "pallas_gpu" or not _packed_kernel_takes(g, heads, kd, vd):
-    return chunk_gla(*_unpack(qkv, heads, kd, vd), g, scale=scale, initial_state=initial_state,
+    return chunk_gla(*unpack_qkv(qkv, heads, kd, vd), g, scale=scale, initial_state=initial_state,
                      output_final_state=output_final_state, reverse=reverse, backend=chosen,
                      interpret=interpret)
   b, t = qkv.shape[:2]
