@@ -10,51 +10,30 @@ from dig_jax.models.backbone import ConditionalImageTransformer
 from dig_jax.models.gla import GatedLinearAttention
 from dig_jax.models.scan_order import layer_orientation, orient_conv_kernel
 from kernels_pallas.conv import depthwise_conv3x3
-
-
-@jax.custom_vjp
-def swiglu_product(ab):
-  """swish(a) * b for ab = [a, b] (halves of the last axis)."""
-  a, b = jnp.split(ab, 2, axis=-1)
-  return nnx.silu(a) * b
-
-
-def _swiglu_product_fwd(ab):
-  return swiglu_product(ab), ab
-
-
-def _swiglu_product_bwd(ab, dh):
-  # The gradient of [a, b] as one elementwise expression over all 2 * inner lanes, each lane
-  # reading a, b and dh of its column (i % inner): XLA then writes it in one pass. Written as
-  # two halves, XLA copied them into one array afterwards (a GPU profile: 2 copies of
-  # [T, 2 * inner] per layer).
-  a, b = (jnp.concatenate([y, y], axis=-1).astype(jnp.float32)
-          for y in jnp.split(ab, 2, axis=-1))
-  dh = jnp.concatenate([dh, dh], axis=-1).astype(jnp.float32)
-  sig = jax.nn.sigmoid(a)
-  first = jax.lax.broadcasted_iota(jnp.int32, ab.shape, ab.ndim - 1) < ab.shape[-1] // 2
-  # d/da swish(a) * b = b (sig + a sig (1 - sig)); d/db = swish(a)
-  grad = jnp.where(first, dh * b * sig * (1.0 + a * (1.0 - sig)), dh * a * sig)
-  return (grad.astype(ab.dtype),)
-
-
-swiglu_product.defvjp(_swiglu_product_fwd, _swiglu_product_bwd)
+from kernels_pallas.swiglu import swiglu_linear
 
 
 class SwiGLU(nnx.Module):
   """Bias-free gated MLP: down(swish(gate(x)) * up(x))."""
 
-  def __init__(self, hidden: int, inner: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(self, hidden: int, inner: int, *, dtype=jnp.float32, backend: str = "auto",
+               interpret: bool = False, rngs: nnx.Rngs):
     def linear(din, dout):
       return nnx.Linear(din, dout, use_bias=False, kernel_init=layers.xavier_uniform,
                         dtype=dtype, rngs=rngs)
     self.gate, self.up, self.down = linear(hidden, inner), linear(hidden, inner), linear(inner, hidden)
+    self.backend, self.interpret = backend, interpret
 
   def __call__(self, x):
-    # swish(a) * b is recomputed in the backward from [a, b] (kept anyway) instead of kept: one
-    # [T, inner] activation less per block for one elementwise pass. [a, b] is kept whole, as
-    # the one matmul makes it: kept as two halves, XLA copied them out of it (a GPU profile).
-    return jax.checkpoint(lambda ab: self.down(swiglu_product(ab)))(self._gate_and_up(x))
+    # Only [a, b] = [gate(x), up(x)] is kept for the backward, whole, as the one matmul makes it
+    # (kept as two halves, XLA copied them out of it: a GPU profile); swish(a) * b is remade in
+    # the backward's one elementwise pass (`swiglu_linear`): one [T, inner] activation less
+    # per block.
+    ab = self._gate_and_up(x)
+    kernel = self.down.kernel[...]
+    dtype = self.down.dtype or jnp.result_type(ab, kernel)  # as nnx.Linear promotes
+    return swiglu_linear(ab.astype(dtype), kernel.astype(dtype), backend=self.backend,
+                         interpret=self.interpret)
 
   def _gate_and_up(self, x):
     """[gate(x), up(x)] as one matmul of x with the two kernels side by side (the parameters
@@ -81,14 +60,15 @@ class DiGBlock(nnx.Module):
 
   def __init__(self, hidden: int, num_heads: int, mlp_hidden: int, *, layer_index: int,
                dtype=jnp.float32, gla_backend: str = "auto", conv_backend: str = "auto",
-               pallas_interpret: bool = False, rngs: nnx.Rngs):
+               mlp_backend: str = "auto", pallas_interpret: bool = False, rngs: nnx.Rngs):
     self.layer_index = layer_index
     self.dtype = dtype
     self.conv_backend, self.pallas_interpret = conv_backend, pallas_interpret
     self.modulation = layers.AdaLNModulation(hidden, 6, dtype=dtype, rngs=rngs)
     self.attn = GatedLinearAttention(hidden, num_heads, dtype=dtype, backend=gla_backend,
                                      interpret=pallas_interpret, rngs=rngs)
-    self.mlp = SwiGLU(hidden, mlp_hidden, dtype=dtype, rngs=rngs)
+    self.mlp = SwiGLU(hidden, mlp_hidden, dtype=dtype, backend=mlp_backend,
+                      interpret=pallas_interpret, rngs=rngs)
     self.conv_kernel = nnx.Param(_identity_depthwise(rngs.params(), (3, 3, 1, hidden)))
     self.conv_bias = nnx.Param(jnp.zeros((hidden,), jnp.float32))
 
@@ -118,14 +98,14 @@ class DiG(ConditionalImageTransformer):
   def __init__(self, *, input_size, patch_size: int, in_channels: int, hidden_size: int,
                depth: int, num_heads: int, mlp_hidden: int, num_classes: int,
                learn_sigma: bool = True, dtype=jnp.float32, gla_backend: str = "auto",
-               conv_backend: str = "auto", pallas_interpret: bool = False, remat: str = "none",
-               rngs: nnx.Rngs):
+               conv_backend: str = "auto", mlp_backend: str = "auto",
+               pallas_interpret: bool = False, remat: str = "none", rngs: nnx.Rngs):
     super().__init__(input_size=input_size, patch_size=patch_size, in_channels=in_channels,
                      hidden_size=hidden_size, num_classes=num_classes, learn_sigma=learn_sigma,
                      dtype=dtype, remat=remat, rngs=rngs)
     self.blocks = nnx.List([
         DiGBlock(hidden_size, num_heads, mlp_hidden, layer_index=i, dtype=dtype,
-                 gla_backend=gla_backend, conv_backend=conv_backend,
+                 gla_backend=gla_backend, conv_backend=conv_backend, mlp_backend=mlp_backend,
                  pallas_interpret=pallas_interpret, rngs=rngs)
         for i in range(depth)])
 

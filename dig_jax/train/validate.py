@@ -8,13 +8,13 @@ from dig_jax.data.sources import SOURCES
 from dig_jax.models.registry import create_model_from_config
 from dig_jax.train.sharding import mesh_shape
 from dig_jax.train.state import LR_SCHEDULES
-from kernels_pallas import conv
+from kernels_pallas import conv, swiglu
 from kernels_pallas.gla.api import BACKENDS
 
 DTYPES = ("float32", "bfloat16", "float16")
 # Keys that say where data is or how it is computed, not what the run is: they may change on resume.
 _UNCOMPARED_KEYS = ("path", "num_threads", "num_workers", "gla_backend", "conv_backend",
-                   "remat")
+                   "mlp_backend", "remat")
 
 
 class ConfigError(ValueError):
@@ -37,6 +37,9 @@ def check_config(config):
   _require(config.model.get("conv_backend", "auto") in conv.BACKENDS,
            f"config.model.conv_backend={config.model.get('conv_backend')!r}; expected one of "
            f"{conv.BACKENDS}")
+  _require(config.model.get("mlp_backend", "auto") in swiglu.BACKENDS,
+           f"config.model.mlp_backend={config.model.get('mlp_backend')!r}; expected one of "
+           f"{swiglu.BACKENDS}")
   try:
     mesh_shape(config.mesh.data, config.mesh.fsdp, jax.device_count())
   except ValueError as e:
