@@ -112,7 +112,8 @@ def make_configs(args) -> list[dict]:
       batch = args.batch or default_batch(px, patch)
       impls = [args.gla_backend] if name.startswith("DiG") else attentions
       for impl in impls:
-        extra = ({"conv_backend": args.conv_backend, "mlp_backend": args.mlp_backend}
+        extra = ({"conv_backend": args.conv_backend,
+                  "elementwise_backend": args.elementwise_backend}
                  if name.startswith("DiG") else {})
         if args.mode == "sample":
           extra.update(sample_steps=args.sample_steps, cfg_scale=args.cfg_scale)
@@ -193,7 +194,7 @@ def _create_model(config):
   if name.startswith("DiG"):
     overrides["gla_backend"] = config["impl"]
     overrides["conv_backend"] = config.get("conv_backend", "auto")
-    overrides["mlp_backend"] = config.get("mlp_backend", "auto")
+    overrides["elementwise_backend"] = config.get("elementwise_backend", "auto")
   else:
     overrides["attention_impl"] = config["impl"]
   latent = px // 8
@@ -371,7 +372,7 @@ def run_config(config, progress=print) -> dict:
     chunk = {"pallas_gpu": pallas_gpu.CHUNK, "pallas_tpu": pallas_tpu.CHUNK,
              "reference": reference.CHUNK}.get(backend, chunk)
     row.update(impl=backend, gla_chunk=chunk, conv_backend=config.get("conv_backend", "auto"),
-               mlp_backend=config.get("mlp_backend", "auto"))
+               elementwise_backend=config.get("elementwise_backend", "auto"))
   fwd = flops.forward_flops(name, px, gla_chunk=chunk, **shape_overrides)
   row.update(step_flop_fields(config, fwd))
   sampling = row["mode"] == "sample"
@@ -484,8 +485,8 @@ def _impl(row: dict) -> str:
   out = row["impl"]
   if row.get("conv_backend", "auto") != "auto":
     out += f", conv {row['conv_backend']}"
-  if row.get("mlp_backend", "auto") != "auto":
-    out += f", mlp {row['mlp_backend']}"
+  if row.get("elementwise_backend", "auto") != "auto":
+    out += f", elementwise {row['elementwise_backend']}"
   remat = row.get("remat", "none")
   return out if remat == "none" else f"{out}, remat {remat}"
 
@@ -573,9 +574,8 @@ def plot(rows: list[dict], path: str):
 def _row_key(row: dict) -> tuple:
   """What --resume matches on; a DiG row counts whatever GLA backend "auto" resolved to."""
   impl = row["impl"] if row["model"].startswith("DiT") else "gla"
-  return (row["model"], impl, row.get("conv_backend", "auto"), row.get("mlp_backend", "auto"),
-          row["px"], row["batch"],
-          row.get("remat", "none"), _mode(row), row.get("sample_steps"), row.get("cfg_scale"))
+  return (row["model"], impl, row.get("conv_backend", "auto"),
+          row.get("elementwise_backend", "auto"), row["px"], row["batch"], row.get("remat", "none"), _mode(row), row.get("sample_steps"), row.get("cfg_scale"))
 
 
 def previous_rows(path: str) -> list[dict]:
@@ -629,8 +629,9 @@ def build_parser():
                       help="DiG's chunk_gla backend (auto, reference, pallas_gpu, pallas_tpu)")
   parser.add_argument("--conv_backend", default="auto",
                       help="DiG's depthwise conv backend (auto, reference, pallas_gpu)")
-  parser.add_argument("--mlp_backend", default="auto",
-                      help="backend of DiG's SwiGLU backward pass (auto, reference, pallas_gpu)")
+  parser.add_argument("--elementwise_backend", default="auto",
+                      help="backend of the one-pass backward of DiG's SwiGLU and GLA gated "
+                           "output (auto, reference, pallas_gpu)")
   parser.add_argument("--dtype", default="bfloat16", help="compute dtype (params stay fp32)")
   parser.add_argument("--remat", default="none", choices=("none", "full", "dots"),
                       help="what each block keeps for the backward pass: everything (none), its "

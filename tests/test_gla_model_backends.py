@@ -9,16 +9,16 @@ from flax import nnx
 from dig_jax.models import create_model
 
 
-def _model(backend, conv_backend="reference", mlp_backend="reference"):
+def _model(backend, conv_backend="reference", elementwise_backend="reference"):
   return create_model("DiG-S/2", input_size=8, in_channels=4, num_classes=10, rngs=nnx.Rngs(0),
                       depth=2, gla_backend=backend, conv_backend=conv_backend,
-                      mlp_backend=mlp_backend, pallas_interpret=backend != "reference")
+                      elementwise_backend=elementwise_backend, pallas_interpret=backend != "reference")
 
 
-@pytest.mark.parametrize("backend,conv_backend,mlp_backend", [
+@pytest.mark.parametrize("backend,conv_backend,elementwise_backend", [
     ("pallas_gpu", "reference", "reference"), ("pallas_tpu", "reference", "reference"),
     ("pallas_gpu", "pallas_gpu", "pallas_gpu")])
-def test_dig_matches_reference_backend(backend, conv_backend, mlp_backend):
+def test_dig_matches_reference_backend(backend, conv_backend, elementwise_backend):
   ks = jax.random.split(jax.random.PRNGKey(0), 2)
   x = jax.random.normal(ks[0], (2, 8, 8, 4))
   t = jnp.array([3, 700])
@@ -41,7 +41,7 @@ def test_dig_matches_reference_backend(backend, conv_backend, mlp_backend):
     return out, jax.tree.leaves(grads)
 
   want_out, want_grads = loss_and_grads(_model("reference"))
-  got_out, got_grads = loss_and_grads(_model(backend, conv_backend, mlp_backend))
+  got_out, got_grads = loss_and_grads(_model(backend, conv_backend, elementwise_backend))
   np.testing.assert_allclose(got_out, want_out, rtol=1e-4, atol=1e-5)
   for g, w in zip(got_grads, want_grads):
     np.testing.assert_allclose(g, w, rtol=2e-3, atol=1e-5)

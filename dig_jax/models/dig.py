@@ -60,14 +60,16 @@ class DiGBlock(nnx.Module):
 
   def __init__(self, hidden: int, num_heads: int, mlp_hidden: int, *, layer_index: int,
                dtype=jnp.float32, gla_backend: str = "auto", conv_backend: str = "auto",
-               mlp_backend: str = "auto", pallas_interpret: bool = False, rngs: nnx.Rngs):
+               elementwise_backend: str = "auto", pallas_interpret: bool = False,
+               rngs: nnx.Rngs):
     self.layer_index = layer_index
     self.dtype = dtype
     self.conv_backend, self.pallas_interpret = conv_backend, pallas_interpret
     self.modulation = layers.AdaLNModulation(hidden, 6, dtype=dtype, rngs=rngs)
     self.attn = GatedLinearAttention(hidden, num_heads, dtype=dtype, backend=gla_backend,
+                                     output_backend=elementwise_backend,
                                      interpret=pallas_interpret, rngs=rngs)
-    self.mlp = SwiGLU(hidden, mlp_hidden, dtype=dtype, backend=mlp_backend,
+    self.mlp = SwiGLU(hidden, mlp_hidden, dtype=dtype, backend=elementwise_backend,
                       interpret=pallas_interpret, rngs=rngs)
     self.conv_kernel = nnx.Param(_identity_depthwise(rngs.params(), (3, 3, 1, hidden)))
     self.conv_bias = nnx.Param(jnp.zeros((hidden,), jnp.float32))
@@ -98,14 +100,15 @@ class DiG(ConditionalImageTransformer):
   def __init__(self, *, input_size, patch_size: int, in_channels: int, hidden_size: int,
                depth: int, num_heads: int, mlp_hidden: int, num_classes: int,
                learn_sigma: bool = True, dtype=jnp.float32, gla_backend: str = "auto",
-               conv_backend: str = "auto", mlp_backend: str = "auto",
+               conv_backend: str = "auto", elementwise_backend: str = "auto",
                pallas_interpret: bool = False, remat: str = "none", rngs: nnx.Rngs):
     super().__init__(input_size=input_size, patch_size=patch_size, in_channels=in_channels,
                      hidden_size=hidden_size, num_classes=num_classes, learn_sigma=learn_sigma,
                      dtype=dtype, remat=remat, rngs=rngs)
     self.blocks = nnx.List([
         DiGBlock(hidden_size, num_heads, mlp_hidden, layer_index=i, dtype=dtype,
-                 gla_backend=gla_backend, conv_backend=conv_backend, mlp_backend=mlp_backend,
+                 gla_backend=gla_backend, conv_backend=conv_backend,
+                 elementwise_backend=elementwise_backend,
                  pallas_interpret=pallas_interpret, rngs=rngs)
         for i in range(depth)])
 

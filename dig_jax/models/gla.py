@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from kernels_pallas.gated_norm import gated_norm_linear
 from kernels_pallas.gla import chunk_gla_packed
 
 HEAD_KEY_DIM = 32  # key_dim = D/2 and value_dim = D, so every DiG size has d_k 32, d_v 64
@@ -15,18 +16,21 @@ _gla_init = nnx.initializers.variance_scaling(2.0 ** -5, "fan_avg", "uniform")
 
 
 class GatedLinearAttention(nnx.Module):
-  """q, k: D -> D/2; v, output gate: D -> D; low-rank forget gate; per-head RMSNorm; o: D -> D."""
+  """q, k: D -> D/2; v, output gate: D -> D; low-rank forget gate; per-head RMSNorm; o: D -> D.
+
+  `backend`: chunk_gla's; `output_backend`: that of the output stage's one-pass backward
+  (norm, gate and o_proj: `gated_norm_linear`)."""
 
   def __init__(self, hidden: int, num_heads: int, *, gate_low_rank: int = 16,
                gate_logit_normalizer: float = 16.0, dtype=jnp.float32, backend: str = "auto",
-               interpret: bool = False, rngs: nnx.Rngs):
+               output_backend: str = "auto", interpret: bool = False, rngs: nnx.Rngs):
     if hidden % (2 * num_heads):
       raise ValueError(f"GLA hidden size {hidden} must be divisible by 2 * num_heads "
                        f"({2 * num_heads})")
     self.num_heads = num_heads
     self.key_dim, self.value_dim = hidden // 2, hidden
     self.gate_logit_normalizer = gate_logit_normalizer
-    self.backend, self.interpret = backend, interpret
+    self.backend, self.output_backend, self.interpret = backend, output_backend, interpret
 
     def linear(din, dout, bias=False):
       return nnx.Linear(din, dout, use_bias=bias, kernel_init=_gla_init,
@@ -53,19 +57,13 @@ class GatedLinearAttention(nnx.Module):
     # The kernels read q, k and v in place from y (no copies sliced out of it).
     o, _ = chunk_gla_packed(y, gk, value_dim=self.value_dim // heads, reverse=reverse,
                             backend=self.backend, interpret=self.interpret)
-    # Norm and gate recomputed in the backward from o and y (both kept anyway: y holds q, k,
-    # v for the kernel's backward), the output gate read from y inside: XLA then keeps neither
-    # the o_proj input nor a copy of the output gate.
-    gate = lambda y: y[..., qkv_width:qkv_width + self.value_dim]
-    return jax.checkpoint(lambda o, y: self._gated_output(o, gate(y), x.dtype))(o, y)
-
-  def _gated_output(self, o, out_gate, dtype):
-    """o_proj(RMSNorm_per_head(o) * swish(out_gate)); o: [N, T, H, V/H] -> [N, T, D]."""
-    n, t = o.shape[:2]
-    o32 = o.astype(jnp.float32)
-    o32 = o32 * jax.lax.rsqrt(jnp.mean(jnp.square(o32), axis=-1, keepdims=True) + 1e-6)
-    o = (o32 * self.o_norm_scale[...]).astype(dtype).reshape(n, t, self.value_dim)
-    return self.o_proj(o * nnx.silu(out_gate))
+    # o_proj(RMSNorm_per_head(o) * scale * swish(output gate)), the gate read from y: the
+    # backward keeps only o and y (both kept anyway: y holds q, k, v for the GLA backward) and
+    # remakes the gated output in its one elementwise pass.
+    kernel = self.o_proj.kernel[...]
+    return gated_norm_linear(o, y, self.o_norm_scale[...], kernel.astype(o.dtype),
+                             gate_offset=qkv_width, backend=self.output_backend,
+                             interpret=self.interpret)
 
   def _input_projections(self, x):
     """q, k, v (heads in order, `chunk_gla_packed`'s layout), the output gate and the

@@ -17,7 +17,7 @@ MODEL_NAMES = tuple(f"{family}-{size}/{patch}" for family in ("DiG", "DiT")
                     for size in SIZES for patch in PATCHES)
 
 _DIG_OVERRIDES = {"depth", "hidden_size", "num_heads", "mlp_hidden", "dtype", "gla_backend",
-                  "conv_backend", "mlp_backend", "pallas_interpret", "remat"}
+                  "conv_backend", "elementwise_backend", "pallas_interpret", "remat"}
 _DIT_OVERRIDES = {"depth", "hidden_size", "num_heads", "mlp_ratio", "dtype", "attention_impl",
                   "remat"}
 
@@ -40,7 +40,8 @@ def create_model(name: str, *, input_size, in_channels: int, num_classes: int,
   """Builds a named DiG or DiT. Overrides (e.g. depth=2, dtype=jnp.bfloat16) shrink or tune it.
 
   DiG accepts depth, hidden_size, num_heads, mlp_hidden, dtype, gla_backend, conv_backend,
-  mlp_backend (SwiGLU's backward pass), pallas_interpret (the Pallas kernels in interpret mode, for CPU tests);
+  elementwise_backend (the one-pass backward of SwiGLU and of GLA's gated output),
+  pallas_interpret (the Pallas kernels in interpret mode, for CPU tests);
   DiT accepts depth, hidden_size, num_heads, mlp_ratio, dtype, attention_impl; both accept
   remat ("none", "full" or "dots": what each block keeps for the backward pass).
   """
@@ -82,7 +83,8 @@ def create_model_from_config(config, *, rngs: nnx.Rngs):
   overrides["remat"] = m.get("remat", "none")  # runs saved before the option existed
   if parse_model_name(m.name)[0] == "DiG":
     overrides["gla_backend"] = m.gla_backend
-    overrides["conv_backend"] = m.get("conv_backend", "auto")  # runs saved before the option
-    overrides["mlp_backend"] = m.get("mlp_backend", "auto")  # (these two options)
+    # .get: runs saved before these options existed
+    overrides["conv_backend"] = m.get("conv_backend", "auto")
+    overrides["elementwise_backend"] = m.get("elementwise_backend", "auto")
   return create_model(m.name, input_size=d.image_size, in_channels=d.channels,
                       num_classes=d.num_classes, learn_sigma=m.learn_sigma, rngs=rngs, **overrides)

@@ -14,7 +14,7 @@ from kernels_pallas.gla.api import BACKENDS
 DTYPES = ("float32", "bfloat16", "float16")
 # Keys that say where data is or how it is computed, not what the run is: they may change on resume.
 _UNCOMPARED_KEYS = ("path", "num_threads", "num_workers", "gla_backend", "conv_backend",
-                   "mlp_backend", "remat")
+                   "elementwise_backend", "remat")
 
 
 class ConfigError(ValueError):
@@ -37,9 +37,9 @@ def check_config(config):
   _require(config.model.get("conv_backend", "auto") in conv.BACKENDS,
            f"config.model.conv_backend={config.model.get('conv_backend')!r}; expected one of "
            f"{conv.BACKENDS}")
-  _require(config.model.get("mlp_backend", "auto") in swiglu.BACKENDS,
-           f"config.model.mlp_backend={config.model.get('mlp_backend')!r}; expected one of "
-           f"{swiglu.BACKENDS}")
+  _require(config.model.get("elementwise_backend", "auto") in swiglu.BACKENDS,
+           f"config.model.elementwise_backend={config.model.get('elementwise_backend')!r}; "
+           f"expected one of {swiglu.BACKENDS}")
   try:
     mesh_shape(config.mesh.data, config.mesh.fsdp, jax.device_count())
   except ValueError as e:

@@ -1,0 +1,68 @@
+"""Run by test_swiglu_kernels.py and test_gated_norm_kernels.py in a subprocess with 8 fake CPU
+devices: `swiglu_linear` and `gated_norm_linear` with their Pallas backward kernels (interpret
+mode) inside a sharded jit under the trainer's 8-device mesh; prints JSON with, per function,
+the relative errors of the loss and the gradients against one device and the rows each kernel
+call sees."""
+import json
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from dig_jax.train.sharding import make_mesh
+from kernels_pallas.gated_norm import gated_norm_linear
+from kernels_pallas.swiglu import swiglu_linear
+
+GATE_OFFSET = 64  # gated_norm's gate columns start here in y
+
+
+def _cases():
+  ks = jax.random.split(jax.random.PRNGKey(0), 8)
+  ab = 2.0 * jax.random.normal(ks[0], (16, 4, 4, 64))
+  w = jax.random.normal(ks[1], (32, 24))
+  dout = jax.random.normal(ks[2], (16, 4, 4, 24))
+  swiglu = (lambda ab, w: jnp.sum(swiglu_linear(ab, w, backend="pallas_gpu", interpret=True)
+                                  * dout), (ab, w))
+  o = jax.random.normal(ks[3], (16, 16, 2, 16))
+  y = 2.0 * jax.random.normal(ks[4], (16, 16, GATE_OFFSET + 32 + 8))
+  scale = 1.0 + 0.1 * jax.random.normal(ks[5], (16,))
+  wo = jax.random.normal(ks[6], (32, 24))
+  dout2 = jax.random.normal(ks[7], (16, 16, 24))
+  gated = (lambda o, y, scale, wo: jnp.sum(
+      gated_norm_linear(o, y, scale, wo, gate_offset=GATE_OFFSET, backend="pallas_gpu",
+                        interpret=True) * dout2), (o, y, scale, wo))
+  return {"swiglu_linear": swiglu, "gated_norm_linear": gated}
+
+
+def main():
+  mesh = make_mesh(2, 4)  # the trainer's mesh (Auto axes)
+  result = {"num_devices": jax.device_count()}
+  for name, (loss, args) in _cases().items():
+    argnums = tuple(range(len(args)))
+    step = jax.jit(jax.value_and_grad(loss, argnums=argnums))
+    want_loss, want_grads = step(*args)
+    with jax.set_mesh(mesh):
+      sharded = (jax.device_put(args[0], NamedSharding(mesh, P(("data", "fsdp")))),) + args[1:]
+      if name == "gated_norm_linear":  # o and y both carry the batch
+        sharded = (sharded[0], jax.device_put(args[1], NamedSharding(mesh, P(("data", "fsdp"))))
+                   ) + args[2:]
+      got_loss, got_grads = step(*sharded)
+      jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=argnums))(*sharded)
+    rows = [int(e.invars[0].aval.shape[0]) for e in _eqns(jaxpr.jaxpr)
+            if e.primitive.name == "pallas_call"]
+    rel = lambda a, b: float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+    result[name] = {"kernel_rows": rows, "loss_rel_err": rel(got_loss, want_loss),
+                    "grad_rel_errs": [rel(a, b) for a, b in zip(got_grads, want_grads)]}
+  print(json.dumps(result))
+
+
+def _eqns(jaxpr):
+  from jax.extend.core import jaxprs_in_params
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for sub in jaxprs_in_params(eqn.params):
+      yield from _eqns(sub)
+
+
+if __name__ == "__main__":
+  main()
