@@ -18,7 +18,11 @@ denoising step and images/s at `--sample_steps` steps, with the same memory, FLO
 
 By default every configuration runs in its own subprocess, so that its peak memory is its own
 and an OOM or a crash cannot disturb the next one (`--in_process` runs them all in this process;
-then peaks are cumulative). Does not import the data pipeline (grain, tfds, ml_collections).
+then peaks are cumulative). Separate processes of the same code can differ by 10 % or more in
+step time (small steps: the gaps between ~1,000 kernels); `--interleave R` then also times each
+resolution's configurations side by side in one process, in R rounds that alternate between
+them, and reports those step times and DiG/DiT ratios too. Does not import the data pipeline
+(grain, tfds, ml_collections).
 """
 from __future__ import annotations
 
@@ -425,6 +429,45 @@ def run_config(config, progress=print) -> dict:
   return row
 
 
+def run_interleaved(configs, rounds: int, progress=print) -> list[dict]:
+  """Times configurations side by side in this process: each is compiled and warmed up, then
+  in each of `rounds` rounds every one runs its timed steps in turn, so that all see the same
+  process, clocks and neighbours. Returns per configuration its median step time over all
+  rounds (step_ms_interleaved, images_per_s_interleaved) or interleave_error."""
+  arms = []
+  for config in configs:
+    sampling = _mode(config) == "sample"
+    try:
+      step, init_state, _, latent = (_build_sampler if sampling else _build)(config)
+      state = init_state()
+      batches = (_sample_inputs(config["batch"], config["sample_steps"]) if sampling
+                 else _batches(config["batch"], latent))
+      compiled = step.lower(state, batches[0]).compile()
+      state, _, _ = _time_steps(compiled, state, batches, 0, config["warmup"])
+      arms.append(dict(step=compiled, state=state, batches=batches, times=[]))
+    except Exception as e:  # noqa: BLE001 -- e.g. out of memory with the others' states
+      arms.append(dict(error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                             [:300]))
+    progress(f"    interleave: {config['model']} ({config['impl']}) "
+             f"{'ready' if 'step' in arms[-1] else arms[-1]['error']}")
+  for _ in range(rounds):
+    for arm, config in zip(arms, configs):
+      if "step" in arm:
+        arm["state"], _, times = _time_steps(arm["step"], arm["state"], arm["batches"],
+                                             config["steps"], 0)
+        arm["times"] += times
+  results = []
+  for arm, config in zip(arms, configs):
+    if "step" not in arm:
+      results.append(dict(interleave_error=arm["error"]))
+      continue
+    med = statistics.median(arm["times"])
+    per_image = config["sample_steps"] if _mode(config) == "sample" else 1
+    results.append(dict(step_ms_interleaved=med * 1e3, interleave_rounds=rounds,
+                        images_per_s_interleaved=config["batch"] / med / per_image))
+  return results
+
+
 # --------------------------------------------------------------------------------------------
 # Orchestration
 
@@ -455,6 +498,10 @@ def _worker(payload_json: str):
   if payload.get("kind") == "matmul":
     result = dict(matmul_tflops=matmul_tflops(payload["size"], payload["runs"]),
                   **device_info())
+  elif payload.get("kind") == "interleave":
+    result = dict(results=run_interleaved(
+        payload["configs"], payload["rounds"],
+        progress=lambda s: print(s, file=sys.stderr, flush=True)))
   else:
     result = run_config(payload, progress=lambda s: print(s, file=sys.stderr, flush=True))
   print(RESULT_TAG + json.dumps(result), flush=True)
@@ -462,7 +509,8 @@ def _worker(payload_json: str):
 
 def add_ratios(rows: list[dict]):
   """On each DiG row: speed and peak-memory ratios against the DiT rows of the same size,
-  resolution and batch (dig_speed_vs_dit_<impl> > 1 means DiG is faster)."""
+  resolution and batch (dig_speed_vs_dit_<impl> > 1 means DiG is faster; with `--interleave`
+  also dig_speed_vs_dit_<impl>_interleaved, from the side-by-side step times)."""
   for r in rows:
     if r.get("family") != "DiG" or r.get("status") != "ok":
       continue
@@ -470,6 +518,9 @@ def add_ratios(rows: list[dict]):
       if (o.get("family") == "DiT" and o.get("status") == "ok" and o["size"] == r["size"]
           and o["px"] == r["px"] and o["batch"] == r["batch"]):
         r[f"dig_speed_vs_dit_{o['impl']}"] = r["images_per_s"] / o["images_per_s"]
+        if r.get("images_per_s_interleaved") and o.get("images_per_s_interleaved"):
+          r[f"dig_speed_vs_dit_{o['impl']}_interleaved"] = (r["images_per_s_interleaved"] /
+                                                           o["images_per_s_interleaved"])
         if r.get("peak_bytes") and o.get("peak_bytes"):
           r[f"dig_memory_vs_dit_{o['impl']}"] = r["peak_bytes"] / o["peak_bytes"]
       elif (o.get("family") == "DiT" and o.get("status") == "OOM" and o["size"] == r["size"]
@@ -504,32 +555,43 @@ def _mode(row: dict) -> str:
 def table(rows: list[dict]) -> str:
   sampling = any(_mode(r) == "sample" for r in rows)
   steps = sorted({r.get("sample_steps") for r in rows if _mode(r) == "sample"})
+  together = any("step_ms_interleaved" in r or "interleave_error" in r for r in rows)
   head = ("model", "attention", "px", "batch",
           f"img/s ({'/'.join(map(str, steps))} steps)" if sampling else "img/s",
-          "denoising step ms" if sampling else "step ms", "peak GiB", "max batch",
+          "denoising step ms" if sampling else "step ms",
+          *(("same-process step ms",) if together else ()), "peak GiB", "max batch",
           "GFLOP/img/step" if sampling else "train GFLOP/img", "TFLOP/s", "MFU",
-          "DiG/DiT speed (cudnn, xla)")
+          "DiG/DiT speed (cudnn, xla)" + (" [same process]" if together else ""))
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in rows:
     if r.get("status") != "ok":
       status = r.get("status", "error")
       detail = "" if status == "OOM" else f" ({r.get('error', '')[:60]})"
       lines.append(f"| {r['model']} | {_impl(r)} | {r['px']} | {r['batch']} | {status}{detail} "
-                   f"| | {_fmt(r.get('peak_gib'), '.2f')} | {r.get('max_batch', '-')} | "
-                   f"{_gflops(r):.4g} | | | |")
+                   f"| {'| ' if together else ''}| {_fmt(r.get('peak_gib'), '.2f')} | "
+                   f"{r.get('max_batch', '-')} | {_gflops(r):.4g} | | | |")
       continue
     ratio = ""
     if r["family"] == "DiG":
-      vals = [r.get(f"dig_speed_vs_dit_{i}") for i in DIT_ATTENTION]
-      ratio = ", ".join("-" if v is None else v if isinstance(v, str) else f"{v:.2f}x"
-                        for v in vals)
+      ratio = ", ".join(_ratio(r, f"dig_speed_vs_dit_{i}") for i in DIT_ATTENTION)
     mfu = r.get("mfu")
+    same = ""
+    if together:
+      same = (f"{_fmt(r.get('step_ms_interleaved'), '.1f')} | " if "interleave_error" not in r
+              else f"{r['interleave_error'][:40]} | ")
     lines.append(
         f"| {r['model']} | {_impl(r)} | {r['px']} | {r['batch']} | {r['images_per_s']:.2f} | "
-        f"{r['step_ms']:.1f} | {_fmt(r.get('peak_gib'), '.2f')} | {r.get('max_batch', '-')} | "
-        f"{_gflops(r):.4g} | {r['achieved_tflops']:.3g} | "
+        f"{r['step_ms']:.1f} | {same}{_fmt(r.get('peak_gib'), '.2f')} | "
+        f"{r.get('max_batch', '-')} | {_gflops(r):.4g} | {r['achieved_tflops']:.3g} | "
         f"{'-' if mfu is None else f'{100 * mfu:.1f}%'} | {ratio} |")
   return "\n".join(lines)
+
+
+def _ratio(row: dict, key: str) -> str:
+  """One DiG/DiT ratio cell: "0.78x", "DiT OOM" or "-", then [the same-process ratio]."""
+  v, same = row.get(key), row.get(key + "_interleaved")
+  text = "-" if v is None else v if isinstance(v, str) else f"{v:.2f}x"
+  return text if same is None else f"{text} [{same:.2f}x]"
 
 
 def plot(rows: list[dict], path: str):
@@ -593,6 +655,27 @@ def _write_json(args, info, rows):
                "device": info, "rows": rows}, fh, indent=1)
 
 
+def _interleave(args, measured, say):
+  """Adds same-process step times to the rows measured fine alone: one process per resolution
+  (and mode) runs that resolution's configurations side by side (`run_interleaved`)."""
+  groups = {}
+  for row, config in measured:
+    if row.get("status") == "ok":
+      groups.setdefault((config["px"], _mode(config)), []).append((row, config))
+  for (px, _), members in groups.items():
+    say(f"side by side: {px} px, {len(members)} configurations x {args.interleave} rounds ...")
+    configs = [c for _, c in members]
+    if args.in_process:
+      results = run_interleaved(configs, args.interleave)
+    else:
+      payload = dict(kind="interleave", configs=configs, rounds=args.interleave)
+      out = _run_isolated(payload, args.timeout * len(members))
+      results = out.get("results") or [dict(interleave_error=out.get("error", "no result"))
+                                        ] * len(members)
+    for (row, _), result in zip(members, results):
+      row.update(result)
+
+
 def build_parser():
   doc = __doc__.split("\n\n")
   parser = argparse.ArgumentParser(
@@ -648,6 +731,11 @@ def build_parser():
   parser.add_argument("--matmul_size", type=int, default=0,
                       help="n of the n x n x n bf16 matmul that sets the MFU peak; "
                            "default 8192 (1024 on CPU)")
+  parser.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
+                      help="after the separate runs, also time each resolution's configurations "
+                           "side by side in one process, in this many alternating rounds of "
+                           "--steps steps; adds same-process step times and DiG/DiT ratios "
+                           "(steadier than ratios of separate processes); 0: off")
   parser.add_argument("--in_process", action="store_true",
                       help="run every configuration in this process (peaks become cumulative)")
   parser.add_argument("--timeout", type=float, default=1200,
@@ -667,7 +755,7 @@ def main(argv=None):
   args = parser.parse_args(argv)
   if args.worker:
     return _worker(args.worker)
-  for flag in ("steps", "warmup", "batch", "depth", "hidden_size"):
+  for flag in ("steps", "warmup", "batch", "depth", "hidden_size", "interleave"):
     if getattr(args, flag) < (1 if flag == "steps" else 0):
       parser.error(f"--{flag} must be {'>= 1' if flag == 'steps' else '>= 0'}")
   if not 2 <= args.sample_steps <= 1000:
@@ -703,6 +791,7 @@ def main(argv=None):
       f"{'failed: ' + info.get('error', '') if peak is None else f'{peak:.1f} TFLOP/s'}")
 
   rows = list(kept)
+  measured = []  # (row, config) of this run
   for i, config in enumerate(configs):
     say(f"[{i + 1}/{len(configs)}] {config['model']} ({config['impl']}) {config['px']} px, "
         f"batch {config['batch']} ...")
@@ -727,6 +816,7 @@ def main(argv=None):
       row["mfu"] = row["achieved_tflops"] / peak
     row["matmul_tflops"] = peak
     rows.append(row)
+    measured.append((row, config))
     if row.get("status") == "ok":
       say(f"    {row['images_per_s']:.2f} img/s, "
           f"{'denoising step' if args.mode == 'sample' else 'step'} {row['step_ms']:.1f} ms, peak "
@@ -738,6 +828,8 @@ def main(argv=None):
     if args.json:  # after every configuration, so a killed run keeps what it measured
       add_ratios(rows)
       _write_json(args, info, rows)
+  if args.interleave:
+    _interleave(args, measured, say)
   add_ratios(rows)
   say("\n" + table(rows))
   if args.json:

@@ -133,6 +133,7 @@ def test_cli_end_to_end(tmp_path):
   res = run_cli("-m", "dig_jax.bench", "--models", "DiG-S/8,DiT-S/8", "--resolutions", "64",
                 "--steps", "2", "--warmup", "1", "--depth", "1", "--hidden_size", "64",
                 "--batch", "2", "--matmul_size", "256", "--json", str(out), "--plot", str(png),
+                "--interleave", "2",
                 timeout=300)  # default mode: one subprocess per configuration
   assert res.returncode == 0, res.stdout + res.stderr
   data = json.loads(out.read_text())
@@ -150,8 +151,35 @@ def test_cli_end_to_end(tmp_path):
         3 * flops.forward_flops(key[0], 64, depth=1, hidden_size=64, num_heads=1,
                                 gla_chunk=r.get("gla_chunk", 32)) / 1e9)
   assert rows[("DiG-S/8", "reference")]["dig_speed_vs_dit_xla"] > 0
+  # --interleave: both measured rows timed again side by side in one more worker process
+  dig, dit = rows[("DiG-S/8", "reference")], rows[("DiT-S/8", "xla")]
+  assert dig["interleave_rounds"] == dit["interleave_rounds"] == 2
+  assert dig["dig_speed_vs_dit_xla_interleaved"] == pytest.approx(
+      dig["images_per_s_interleaved"] / dit["images_per_s_interleaved"])
+  assert dit["images_per_s_interleaved"] == pytest.approx(2e3 / dit["step_ms_interleaved"])
+  assert "same-process step ms" in res.stdout
   assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
   assert "| DiG-S/8 |" in res.stdout
+
+
+def test_side_by_side_ratios_and_table():
+  """Same-process ratios pair DiG and DiT rows like the separate ones; a configuration that
+  failed side by side shows its error and gets no same-process ratio."""
+  base = dict(size="S/2", px=256, batch=64, status="ok", step_ms=10.0, achieved_tflops=1.0,
+              train_gflops_per_image=1.0)
+  dig = dict(base, model="DiG-S/2", family="DiG", impl="pallas_gpu", images_per_s=6400.0,
+             images_per_s_interleaved=3200.0, step_ms_interleaved=20.0)
+  cudnn = dict(base, model="DiT-S/2", family="DiT", impl="cudnn", images_per_s=3200.0,
+               images_per_s_interleaved=4000.0, step_ms_interleaved=16.0)
+  xla = dict(base, model="DiT-S/2", family="DiT", impl="xla", images_per_s=1600.0,
+             interleave_error="RESOURCE_EXHAUSTED: out of memory")
+  rows = [dig, cudnn, xla]
+  bench.add_ratios(rows)
+  assert dig["dig_speed_vs_dit_cudnn"] == 2.0 and dig["dig_speed_vs_dit_cudnn_interleaved"] == 0.8
+  assert dig["dig_speed_vs_dit_xla"] == 4.0 and "dig_speed_vs_dit_xla_interleaved" not in dig
+  text = bench.table(rows)
+  assert "| 2.00x [0.80x], 4.00x |" in text
+  assert "RESOURCE_EXHAUSTED" in text and "| 20.0 |" in text
 
 
 def test_resume_keeps_measured_rows_and_adds_missing_ones(tmp_path):
