@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from kernels_pallas.gated_norm import gated_norm_linear, pallas_gpu
+from kernels_pallas.gated_norm import api
 from kernels_pallas.gated_norm.api import resolve_backend
 
 EPS = 1e-6
@@ -108,9 +109,13 @@ def test_kernel_lowers_for_cuda():
   assert "gated_norm_bwd" in text
 
 
-def test_dispatch_and_errors():
+def test_dispatch_and_errors(monkeypatch):
   (o, y, scale, w, _), offset = _inputs(1, 16, 2, 32, 0, 8, jnp.float32)
   assert resolve_backend("auto", o, offset) == "reference"  # CPU
+  monkeypatch.setattr(api, "platform_of", lambda x: "gpu")
+  assert resolve_backend("auto", o, offset) == "pallas_gpu"
+  assert resolve_backend("auto", o, offset + 8) == "reference"  # gate not on a head boundary
+  monkeypatch.undo()
   with pytest.raises(ValueError, match="unknown backend 'triton'"):
     gated_norm_linear(o, y, scale, w, gate_offset=offset, backend="triton")
   with pytest.raises(ValueError, match="gate's 64 columns from gate_offset 200"):

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from kernels_pallas.swiglu import pallas_gpu, swiglu_linear, swiglu_product_backward
+from kernels_pallas.swiglu import api
 from kernels_pallas.swiglu.api import resolve_backend
 
 
@@ -95,9 +96,13 @@ def test_kernel_lowers_for_cuda():
   assert "swiglu_bwd" in text
 
 
-def test_dispatch_and_errors():
+def test_dispatch_and_errors(monkeypatch):
   ab = jnp.ones((2, 4, 4, 64))
   assert resolve_backend("auto", ab) == "reference"  # CPU
+  monkeypatch.setattr(api, "platform_of", lambda x: "gpu")
+  assert resolve_backend("auto", ab) == "pallas_gpu"
+  assert resolve_backend("auto", jnp.ones((1, 7, 7, 64))) == "reference"  # 49 rows
+  monkeypatch.undo()
   with pytest.raises(ValueError, match="unknown backend 'triton'"):
     swiglu_product_backward(ab, jnp.ones((2, 4, 4, 32)), backend="triton")
   with pytest.raises(ValueError, match="even last axis"):

@@ -44,16 +44,18 @@ def gated_norm_linear(o, y, scale, kernel, *, gate_offset: int, eps: float = 1e-
   if scale.shape != (vh,) or kernel.ndim != 2 or kernel.shape[0] != heads * vh:
     raise ValueError(f"gated_norm_linear: scale must be [{vh}] and kernel [{heads * vh}, D] for "
                      f"o {o.shape}, got {scale.shape} and {kernel.shape}")
-  backend = resolve_backend(backend, o, gate_offset)
-  if backend == "pallas_gpu":
+  chosen = resolve_backend(backend, o, gate_offset)
+  if chosen == "pallas_gpu":
     mesh = batch_sharding.ambient_mesh(o.shape[0])
     rows = o.size // (heads * vh) // (mesh.size if mesh is not None else 1)
-    if not pallas_gpu.supports(rows, vh, gate_offset):
+    if not pallas_gpu.supports(rows, vh, gate_offset) and backend == "auto":
+      chosen = "reference"  # each device's share does not suit the blocks
+    elif not pallas_gpu.supports(rows, vh, gate_offset):
       raise ValueError(
           f"gated_norm_linear: pallas_gpu needs a power-of-two head size >= 16 dividing "
           f"gate_offset and rows with a power-of-two factor >= {pallas_gpu.MIN_BLOCK_M}; got "
           f"head size {vh}, gate_offset {gate_offset}, rows {rows}; use backend='reference'")
-  return _gated_norm_linear(o, y, scale, kernel, gate_offset, eps, backend, interpret)
+  return _gated_norm_linear(o, y, scale, kernel, gate_offset, eps, chosen, interpret)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))

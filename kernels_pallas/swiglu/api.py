@@ -37,24 +37,35 @@ def resolve_backend(backend: str, ab) -> str:
   return "pallas_gpu" if platform_of(ab) in ("gpu", "cuda") and fits else "reference"
 
 
+def _choose(backend: str, ab) -> str:
+  """The backend that runs: `resolve_backend`'s, or the reference when "auto" picked the kernel
+  but each device's share of the rows (under the trainer's mesh) does not suit its blocks."""
+  chosen = resolve_backend(backend, ab)
+  if chosen != "pallas_gpu":
+    return chosen
+  m, inner = ab.size // ab.shape[-1], ab.shape[-1] // 2
+  mesh = batch_sharding.ambient_mesh(ab.shape[0])
+  rows = m // mesh.size if mesh is not None else m
+  if pallas_gpu.supports(rows, inner):
+    return chosen
+  if backend == "auto":
+    return "reference"
+  raise ValueError(
+      f"swiglu: pallas_gpu needs rows ({rows}) and inner ({inner}) with power-of-two factors "
+      f">= {pallas_gpu.MIN_BLOCK}, got factors {pallas_gpu.blocks(rows, inner)}; use "
+      f"backend='reference'")
+
+
 def swiglu_product_backward(ab, dh, *, backend: str = "auto", interpret: bool = False):
   """(d ab, h) for h = swish(a) * b, ab = [a, b] [..., 2 * inner], dh = dL/dh [..., inner].
 
   Under a multi-device mesh set with `jax.set_mesh` (the trainer's), the Pallas kernel runs on
   each device's share of the batch (first axis) when it divides evenly."""
   _check(ab, dh)
-  backend = resolve_backend(backend, ab)
-  if backend == "reference":
+  if _choose(backend, ab) == "reference":
     return reference.swiglu_product_backward(ab, dh)
-  m, inner = ab.size // ab.shape[-1], ab.shape[-1] // 2
-  mesh = batch_sharding.ambient_mesh(ab.shape[0])
-  rows = m // mesh.size if mesh is not None else m
-  if not pallas_gpu.supports(rows, inner):
-    raise ValueError(
-        f"swiglu: pallas_gpu needs rows ({rows}) and inner ({inner}) with power-of-two factors "
-        f">= {pallas_gpu.MIN_BLOCK}, got factors {pallas_gpu.blocks(rows, inner)}; use "
-        f"backend='reference'")
   run = functools.partial(pallas_gpu.swiglu_product_backward, interpret=interpret)
+  mesh = batch_sharding.ambient_mesh(ab.shape[0])
   if mesh is not None:
     run = batch_sharding.batch_sharded(run, mesh, (True, True), 2)
   return run(ab, dh)
@@ -70,7 +81,7 @@ def swiglu_linear(ab, kernel, *, backend: str = "auto", interpret: bool = False)
   if kernel.ndim != 2 or kernel.shape[0] != ab.shape[-1] // 2:
     raise ValueError(f"swiglu_linear: kernel must be [{ab.shape[-1] // 2}, D] for [a, b] of "
                      f"shape {ab.shape}, got {kernel.shape}")
-  return _swiglu_linear(ab, kernel, backend, interpret)
+  return _swiglu_linear(ab, kernel, _choose(backend, ab), interpret)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -84,7 +95,7 @@ def _swiglu_linear_fwd(ab, kernel, backend, interpret):
 
 def _swiglu_linear_bwd(backend, interpret, residuals, dout):
   ab, kernel = residuals
-  if resolve_backend(backend, ab) == "reference":
+  if backend == "reference":
     # Ties [a, b] to the cotangent, so the jnp backward's product is not computed (or merged
     # with the forward's) before the backward: XLA would then keep it from the forward,
     # +2.4 GiB temp memory at DiG-XL/2, 256 px, batch 64 (a GPU compile).
