@@ -352,6 +352,16 @@ def find_max_batch(step, init_state, start: int, latent: int, limit: int,
   return lo, False
 
 
+def _compiled_step(config):
+  """(compiled step, initial state, input batches, parameter count) of a configuration."""
+  sampling = _mode(config) == "sample"
+  step, init_state, params_count, latent = (_build_sampler if sampling else _build)(config)
+  state = init_state()
+  batches = (_sample_inputs(config["batch"], config["sample_steps"]) if sampling
+             else _batches(config["batch"], latent))
+  return step.lower(state, batches[0]).compile(), state, batches, params_count
+
+
 def run_config(config, progress=print) -> dict:
   """Times one configuration in this process; returns its row (status ok / OOM / error)."""
   import jax
@@ -387,12 +397,8 @@ def run_config(config, progress=print) -> dict:
   state = None
   try:
     t0 = time.perf_counter()
-    step, init_state, params_count, latent = (_build_sampler if sampling else _build)(config)
+    compiled, state, batches, params_count = _compiled_step(config)
     row["params_m"] = params_count / 1e6
-    state = init_state()
-    batches = (_sample_inputs(batch, config["sample_steps"]) if sampling
-               else _batches(batch, latent))
-    compiled = step.lower(state, batches[0]).compile()
     row["compile_s"] = time.perf_counter() - t0
     state, metrics, times = _time_steps(compiled, state, batches, config["steps"],
                                         config["warmup"])
@@ -436,13 +442,8 @@ def run_interleaved(configs, rounds: int, progress=print) -> list[dict]:
   rounds (step_ms_interleaved, images_per_s_interleaved) or interleave_error."""
   arms = []
   for config in configs:
-    sampling = _mode(config) == "sample"
     try:
-      step, init_state, _, latent = (_build_sampler if sampling else _build)(config)
-      state = init_state()
-      batches = (_sample_inputs(config["batch"], config["sample_steps"]) if sampling
-                 else _batches(config["batch"], latent))
-      compiled = step.lower(state, batches[0]).compile()
+      compiled, state, batches, _ = _compiled_step(config)
       state, _, _ = _time_steps(compiled, state, batches, 0, config["warmup"])
       arms.append(dict(step=compiled, state=state, batches=batches, times=[]))
     except Exception as e:  # noqa: BLE001 -- e.g. out of memory with the others' states
