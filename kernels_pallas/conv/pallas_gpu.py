@@ -21,6 +21,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from kernels_pallas.tiling import largest_pow2_divisor
+
 # Tile: the best of 6 forward and 8 backward shapes measured in 12-layer chains on an H100
 # (BENCHMARKS.md); walking several token blocks per backward program, with the kernel-gradient
 # sums kept across them, was slower at every shape.
@@ -31,16 +33,9 @@ NUM_WARPS = 4
 _TAPS = tuple((i, j) for i in range(3) for j in range(3))
 
 
-def _largest_pow2_divisor(n, cap):
-  p = 1
-  while p * 2 <= cap and n % (p * 2) == 0:
-    p *= 2
-  return p
-
-
 def blocks(t, d):
   """(tokens, channels) per program for T tokens and D channels."""
-  return _largest_pow2_divisor(t, BLOCK_T), _largest_pow2_divisor(d, BLOCK_D)
+  return largest_pow2_divisor(t, BLOCK_T), largest_pow2_divisor(d, BLOCK_D)
 
 
 def supports(h, w, d):

@@ -16,21 +16,16 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from kernels_pallas.tiling import largest_pow2_divisor
+
 BLOCK_M = 64
 MIN_BLOCK_M = 16
 NUM_WARPS = 4
 f32 = jnp.float32
 
 
-def _largest_pow2_divisor(n, cap):
-  p = 1
-  while p * 2 <= cap and n % (p * 2) == 0:
-    p *= 2
-  return p
-
-
 def block_rows(m):
-  return _largest_pow2_divisor(m, BLOCK_M)
+  return largest_pow2_divisor(m, BLOCK_M)
 
 
 def supports(m, head_dim, gate_offset):

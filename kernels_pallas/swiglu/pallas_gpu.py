@@ -13,12 +13,12 @@ array the backward's input-gradient matmul reads. Blocks: BLOCK_M rows by BLOCK_
 """
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
+
+from kernels_pallas.tiling import largest_pow2_divisor
 
 # 4,096 elements per 4-warp program: 233 us at DiG-XL/2's shape on an H100 against 312 us for
 # twice that (BENCHMARKS.md; 8-16 rows by 128-512 columns measured the same).
@@ -29,16 +29,9 @@ NUM_WARPS = 4
 f32 = jnp.float32
 
 
-def _largest_pow2_divisor(n, cap):
-  p = 1
-  while p * 2 <= cap and n % (p * 2) == 0:
-    p *= 2
-  return p
-
-
 def blocks(m, inner):
   """(rows, columns) per program for M rows of `inner` columns per half."""
-  return _largest_pow2_divisor(m, BLOCK_M), _largest_pow2_divisor(inner, BLOCK_INNER)
+  return largest_pow2_divisor(m, BLOCK_M), largest_pow2_divisor(inner, BLOCK_INNER)
 
 
 def supports(m, inner):
