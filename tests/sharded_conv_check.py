@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from jaxpr_eqns import eqns
 from kernels_pallas.conv import depthwise_conv3x3
 
 
@@ -28,20 +29,12 @@ def main():
     xs = jax.device_put(x, NamedSharding(mesh, P(("data", "fsdp"))))
     got_loss, got_grads = step(xs, kernel, bias)
     jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(xs, kernel, bias)
-  sizes = [int(e.invars[0].aval.shape[0]) for e in _eqns(jaxpr.jaxpr)
+  sizes = [int(e.invars[0].aval.shape[0]) for e in eqns(jaxpr.jaxpr)
            if e.primitive.name == "pallas_call"]
   rel = lambda a, b: float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
   print(json.dumps({"num_devices": jax.device_count(), "kernel_batch_sizes": sizes,
                     "loss_rel_err": rel(got_loss, want_loss),
                     "grad_rel_errs": [rel(a, b) for a, b in zip(got_grads, want_grads)]}))
-
-
-def _eqns(jaxpr):
-  from jax.extend.core import jaxprs_in_params
-  for eqn in jaxpr.eqns:
-    yield eqn
-    for sub in jaxprs_in_params(eqn.params):
-      yield from _eqns(sub)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dig_jax.train.sharding import make_mesh
+from jaxpr_eqns import eqns
 from kernels_pallas.gated_norm import gated_norm_linear
 from kernels_pallas.swiglu import swiglu_linear
 
@@ -42,26 +43,17 @@ def main():
     step = jax.jit(jax.value_and_grad(loss, argnums=argnums))
     want_loss, want_grads = step(*args)
     with jax.set_mesh(mesh):
-      sharded = (jax.device_put(args[0], NamedSharding(mesh, P(("data", "fsdp")))),) + args[1:]
-      if name == "gated_norm_linear":  # o and y both carry the batch
-        sharded = (sharded[0], jax.device_put(args[1], NamedSharding(mesh, P(("data", "fsdp"))))
-                   ) + args[2:]
+      batch = NamedSharding(mesh, P(("data", "fsdp")))
+      # activations ([a, b]; o and y) split over the batch, parameters replicated
+      sharded = tuple(jax.device_put(a, batch) if a.ndim >= 3 else a for a in args)
       got_loss, got_grads = step(*sharded)
       jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=argnums))(*sharded)
-    rows = [int(e.invars[0].aval.shape[0]) for e in _eqns(jaxpr.jaxpr)
+    rows = [int(e.invars[0].aval.shape[0]) for e in eqns(jaxpr.jaxpr)
             if e.primitive.name == "pallas_call"]
     rel = lambda a, b: float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
     result[name] = {"kernel_rows": rows, "loss_rel_err": rel(got_loss, want_loss),
                     "grad_rel_errs": [rel(a, b) for a, b in zip(got_grads, want_grads)]}
   print(json.dumps(result))
-
-
-def _eqns(jaxpr):
-  from jax.extend.core import jaxprs_in_params
-  for eqn in jaxpr.eqns:
-    yield eqn
-    for sub in jaxprs_in_params(eqn.params):
-      yield from _eqns(sub)
 
 
 if __name__ == "__main__":

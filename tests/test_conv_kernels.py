@@ -2,15 +2,13 @@
 a float64 numpy convolution written out tap by tap; the kernel's cuda lowering; dispatch and
 errors; the kernel per batch shard on 8 devices."""
 import json
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import run_on_8_devices
 from kernels_pallas.conv import depthwise_conv3x3, pallas_gpu
 from kernels_pallas.conv.api import resolve_backend
 
@@ -123,13 +121,7 @@ def test_dispatch_and_errors():
 
 
 def test_kernel_runs_per_batch_shard_on_8_devices():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
-  script = os.path.join(os.path.dirname(__file__), "sharded_conv_check.py")
-  out = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True,
-                       timeout=600)
-  assert out.returncode == 0, out.stderr[-3000:]
-  result = json.loads(out.stdout.strip().splitlines()[-1])
+  result = run_on_8_devices("sharded_conv_check.py")
   assert result["num_devices"] == 8
   assert result["kernel_batch_sizes"] and set(result["kernel_batch_sizes"]) == {2}
   assert result["loss_rel_err"] < 1e-5 and max(result["grad_rel_errs"]) < 1e-5

@@ -29,8 +29,10 @@ def _numpy(o, y, scale, w, dout, offset):
   dz = du * n * (sig + z * sig * (1.0 - sig))
   dscale = np.sum(dn * o * r, axis=tuple(range(o.ndim - 1)))
   g = dn * scale
-  # d/do_i of o_i r: r for i, and -o_j r^3 o_i / Vh through r, for every j
-  do = g * r - o * r ** 3 * np.mean(g * o, axis=-1, keepdims=True)
+  # The norm's Jacobian written out: d(o_j r)/d o_i = r [i == j] - o_j o_i r^3 / Vh
+  jac = (r[..., None] * np.eye(vh)
+         - o[..., :, None] * o[..., None, :] * r[..., None] ** 3 / vh)
+  do = np.einsum("...ij,...j->...i", jac, g)
   dy = np.zeros_like(y)
   dy[..., offset:offset + heads * vh] = dz.reshape(lead + (heads * vh,))
   dw = u.reshape(-1, heads * vh).T @ dout.reshape(-1, w.shape[1])

@@ -7,8 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
-from jax.extend.core import jaxprs_in_params
 
+from conftest import run_on_8_devices
+from jaxpr_eqns import eqns
 from kernels_pallas.gla import chunk_gla, chunk_gla_packed, chunk_math, pallas_gpu, reference
 
 KERNELS = ("pallas_gpu", "pallas_tpu")
@@ -110,7 +111,7 @@ def test_gpu_settings_changed_after_a_trace_take_effect(monkeypatch):
     monkeypatch.setattr(pallas_gpu, "NUM_WARPS", {"default": 4, "gla_bwd": warps})
     f = lambda *a: chunk_gla(*a, backend="pallas_gpu", interpret=True)[0]
     jaxpr = jax.make_jaxpr(lambda *a: jax.vjp(f, *a)[1](do))(q, k, v, g).jaxpr
-    calls = [e for e in _eqns(jaxpr)
+    calls = [e for e in eqns(jaxpr)
              if e.primitive.name == "pallas_call" and str(e.params["name"]) == "gla_bwd"]
     params = [e.params["compiler_params"] for e in calls]
     return [(p["triton"] if isinstance(p, dict) else p).num_warps for p in params]
@@ -123,7 +124,7 @@ def test_gpu_settings_changed_after_a_trace_take_effect(monkeypatch):
     monkeypatch.setattr(pallas_gpu, "V_TILE_PROGRAMS", min_programs)
     f = lambda *a: chunk_gla(*a, backend="pallas_gpu", interpret=True)[0]
     jaxpr = jax.make_jaxpr(f)(q, k, v, g).jaxpr
-    return [tuple(e.params["grid_mapping"].grid) for e in _eqns(jaxpr)
+    return [tuple(e.params["grid_mapping"].grid) for e in eqns(jaxpr)
             if e.primitive.name == "pallas_call" and str(e.params["name"]) == "gla_fwd"]
 
   assert forward_grid(2) == [(1, 2, 1)]
@@ -236,17 +237,7 @@ def test_kernel_runs_per_batch_shard_under_a_mesh():
   """On 8 devices (data 2 x fsdp 4) each Pallas call sees 1 of the 8 examples (XLA would
   otherwise gather the whole batch onto every device), results match the token-by-token
   reference, and the sharded program lowers for cuda and tpu; chunk_gla_packed too."""
-  import json
-  import os
-  import subprocess
-  import sys
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-         "JAX_PLATFORMS": "cpu"}
-  script = os.path.join(os.path.dirname(__file__), "sharded_gla_check.py")
-  out = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True,
-                       timeout=600)
-  assert out.returncode == 0, out.stderr[-3000:]
-  result = json.loads(out.stdout.strip().splitlines()[-1])
+  result = run_on_8_devices("sharded_gla_check.py")
   assert result["kernel_batch_sizes"] and set(result["kernel_batch_sizes"]) == {1}
   assert result["loss_rel_err"] < 1e-4 and max(result["grad_rel_errs"]) < 1e-4
   assert result["lowers"] == {"cuda": True, "tpu": True}
@@ -254,13 +245,6 @@ def test_kernel_runs_per_batch_shard_under_a_mesh():
   assert result["packed_kernel_batch_sizes"]
   assert set(result["packed_kernel_batch_sizes"]) == {1}
   assert max(result["packed_rel_errs"]) < 1e-4
-
-
-def _eqns(jaxpr):
-  for eqn in jaxpr.eqns:
-    yield eqn
-    for sub in jaxprs_in_params(eqn.params):
-      yield from _eqns(sub)
 
 
 def test_backward_waits_for_the_cotangents():
@@ -274,7 +258,7 @@ def test_backward_waits_for_the_cotangents():
 
   (q, k, v, g, _), _ = _inputs(0, b, t, h, kd, vd, jnp.float32, False)
   jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=range(4)))(q, k, v, g).jaxpr
-  barriers = [e for e in _eqns(jaxpr) if e.primitive.name == "optimization_barrier"]
+  barriers = [e for e in eqns(jaxpr) if e.primitive.name == "optimization_barrier"]
   assert len(barriers) == 1
   shapes = [tuple(x.aval.shape) for x in barriers[0].invars]
   assert shapes.count((b, t, h, vd)) == 2  # v and the output cotangent
@@ -365,7 +349,7 @@ def test_packed_gla_reads_and_writes_the_packed_array_in_place():
                                     interpret=True)[0])
 
   jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(qkv, g).jaxpr
-  kernels = [e for e in _eqns(jaxpr) if e.primitive.name == "pallas_call"]
+  kernels = [e for e in eqns(jaxpr) if e.primitive.name == "pallas_call"]
   assert any(x.aval.shape == qkv.shape for e in kernels for x in e.invars)
   assert any(x.aval.shape == (b, t, h * (2 * kd + vd)) for e in kernels for x in e.outvars)
   copies = {"slice", "concatenate", "split", "dynamic_slice"}

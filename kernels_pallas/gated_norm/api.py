@@ -78,9 +78,11 @@ def _backward_pass(o, y, du, scale, gate_offset, eps, backend, interpret):
   mesh = batch_sharding.ambient_mesh(o.shape[0])
   if mesh is None:
     return run(o, y, du, scale)
-  # dscale comes back per shard ([shards * Vh]) and is summed here.
-  per_shard = lambda o, y, du, scale: (lambda do, dz, ds, u: (do, dz, ds[None], u))(
-      *run(o, y, du, scale))
+
+  def per_shard(o, y, du, scale):  # dscale as a [1, Vh] row per shard, summed below
+    do, dz, dscale, u = run(o, y, du, scale)
+    return do, dz, dscale[None], u
+
   do, dz, dscale, u = batch_sharding.batch_sharded(per_shard, mesh, (True, True, True, False),
                                                    4)(o, y, du, scale)
   return do, dz, jnp.sum(dscale, axis=0), u
