@@ -122,7 +122,7 @@ def make_configs(args) -> list[dict]:
         if args.mode == "sample":
           extra.update(sample_steps=args.sample_steps, cfg_scale=args.cfg_scale)
         configs.append(dict(model=name, px=px, batch=batch, impl=impl, steps=args.steps,
-                            mode=args.mode, **extra,
+                            mode=args.mode, **extra, optimizer_layout=args.optimizer_layout,
                             warmup=args.warmup, depth=args.depth, hidden_size=args.hidden_size,
                             dtype=args.dtype, remat=args.remat, find_max_batch=args.find_max_batch,
                             max_batch_limit=args.max_batch_limit))
@@ -215,15 +215,18 @@ def _build(config):
   from flax import nnx
 
   from dig_jax.diffusion import create_schedule
+  from dig_jax.train.optimizer import with_layout
   from dig_jax.train.step import make_train_step
 
   model, params_count, latent = _create_model(config)
   graphdef, params = nnx.split(model, nnx.Param)
   del model
-  tx = optax.adamw(1e-4, weight_decay=0.0)  # the paper's recipe
+  layout = config.get("optimizer_layout", "flat")
+  tx = with_layout(optax.adamw(1e-4, weight_decay=0.0), layout)  # the paper's recipe
   train_config = types.SimpleNamespace(ema_decay=0.9999, label_dropout=0.1)
   step = make_train_step(graphdef, tx, create_schedule(1000), train_config,
-                         null_class=NUM_CLASSES, learn_sigma=True, base_key=jax.random.key(1))
+                         null_class=NUM_CLASSES, learn_sigma=True, base_key=jax.random.key(1),
+                         optimizer_layout=layout)
 
   def init_state():
     return {"step": jnp.zeros((), jnp.int32), "params": params,
@@ -376,7 +379,8 @@ def run_config(config, progress=print) -> dict:
              tokens=(px // 8 // int(name.split("/")[1])) ** 2, batch=batch,
              impl=config["impl"], dtype=config["dtype"], steps=config["steps"],
              warmup=config["warmup"], depth=config.get("depth"),
-             hidden_size=config.get("hidden_size"), **device_info())
+             hidden_size=config.get("hidden_size"),
+             optimizer_layout=config.get("optimizer_layout", "flat"), **device_info())
   shape_overrides = {k: config[k] for k in ("depth", "hidden_size") if config.get(k)}
   if config.get("hidden_size"):
     shape_overrides["num_heads"] = max(1, config["hidden_size"] // 64)
@@ -539,6 +543,8 @@ def _impl(row: dict) -> str:
     out += f", conv {row['conv_backend']}"
   if row.get("elementwise_backend", "auto") != "auto":
     out += f", elementwise {row['elementwise_backend']}"
+  if row.get("optimizer_layout", "flat") != "flat" and _mode(row) == "train":
+    out += f", optimizer {row['optimizer_layout']}"
   remat = row.get("remat", "none")
   return out if remat == "none" else f"{out}, remat {remat}"
 
@@ -637,8 +643,11 @@ def plot(rows: list[dict], path: str):
 def _row_key(row: dict) -> tuple:
   """What --resume matches on; a DiG row counts whatever GLA backend "auto" resolved to."""
   impl = row["impl"] if row["model"].startswith("DiT") else "gla"
+  layout = row.get("optimizer_layout", "per_leaf") if _mode(row) == "train" else None
   return (row["model"], impl, row.get("conv_backend", "auto"),
-          row.get("elementwise_backend", "auto"), row["px"], row["batch"], row.get("remat", "none"), _mode(row), row.get("sample_steps"), row.get("cfg_scale"))
+          row.get("elementwise_backend", "auto"), row["px"], row["batch"],
+          row.get("remat", "none"), _mode(row), row.get("sample_steps"), row.get("cfg_scale"),
+          layout)  # rows from before the option were per-leaf
 
 
 def previous_rows(path: str) -> list[dict]:
@@ -716,6 +725,9 @@ def build_parser():
   parser.add_argument("--elementwise_backend", default="auto",
                       help="backend of the one-pass backward of DiG's SwiGLU and GLA gated "
                            "output (auto, reference, pallas_gpu)")
+  parser.add_argument("--optimizer_layout", default="flat", choices=("flat", "per_leaf"),
+                      help="Adam's moments as one vector (flat, what training uses on one "
+                           "device or a data-parallel mesh) or one array per parameter")
   parser.add_argument("--dtype", default="bfloat16", help="compute dtype (params stay fp32)")
   parser.add_argument("--remat", default="none", choices=("none", "full", "dots"),
                       help="what each block keeps for the backward pass: everything (none), its "

@@ -15,7 +15,8 @@ from dig_jax.diffusion import cfg_model_fn, create_schedule, ddim_sample, ddpm_s
 from dig_jax.train import sharding
 from dig_jax.models import create_model_from_config
 from dig_jax.train.checkpoint import Checkpointer, abstract_like, checkpoint_dir
-from dig_jax.train.state import init_state, make_optimizer
+from dig_jax.train.optimizer import make_optimizer
+from dig_jax.train.state import init_state
 from dig_jax.vae import load_vae
 
 SAMPLERS = ("ddpm", "ddim")

@@ -17,7 +17,8 @@ from dig_jax.train.loop import NonFiniteLossError, train
 from dig_jax.train.validate import ConfigError
 from dig_jax.train.checkpoint import Checkpointer, abstract_like
 from dig_jax.train.metrics import read_metrics
-from dig_jax.train.state import init_state, learning_rate_schedule, make_optimizer, split_model
+from dig_jax.train.optimizer import learning_rate_schedule, make_optimizer
+from dig_jax.train.state import init_state, split_model
 from dig_jax.train.validate import check_config, check_resume_config
 
 

@@ -16,9 +16,10 @@ from tqdm import tqdm
 from dig_jax.data import create_source, train_dataset
 from dig_jax.diffusion import create_schedule
 from dig_jax.train import sharding
-from dig_jax.train.checkpoint import Checkpointer, abstract_like
+from dig_jax.train.checkpoint import Checkpointer
 from dig_jax.train.metrics import MetricsWriter
-from dig_jax.train.state import create_sharded_state, make_optimizer
+from dig_jax.train.optimizer import make_optimizer, resolve_layout
+from dig_jax.train.state import checkpoint_form, create_sharded_state
 from dig_jax.train.step import make_train_step
 from dig_jax.train.validate import ConfigError, check_config, check_resume_config
 
@@ -81,9 +82,12 @@ def train(config, workdir: str) -> int:
                                  num_workers=config.data.num_workers))
 
   # --- Model, optimizer, diffusion ------------------------------------------------------------
-  tx = make_optimizer(tc)
+  layout = resolve_layout(tc.get("optimizer_layout", "auto"), mesh.shape["fsdp"])
+  tx = make_optimizer(tc, layout)
   schedule = create_schedule(config.diffusion.num_timesteps)
   graphdef, state, state_sharding = create_sharded_state(config, tx, mesh)
+  to_saved, from_saved, saved_abstract = checkpoint_form(
+      state, state_sharding, tc, layout, mesh, config.mesh.fsdp_min_size_mb)
 
   # --- Resume ---------------------------------------------------------------------------------
   ckpt = Checkpointer(workdir, keep=tc.keep_checkpoints, keep_every=tc.keep_every)
@@ -91,7 +95,7 @@ def train(config, workdir: str) -> int:
   for candidate in sorted(ckpt.all_steps(), reverse=True):  # newest first; skip broken ones
     try:
       check_resume_config(ckpt.read_meta(candidate)["config"], config)
-      state = ckpt.restore(candidate, abstract_like(state, state_sharding), data_iter)
+      state = from_saved(ckpt.restore(candidate, saved_abstract, data_iter))
     except ConfigError:
       raise
     except Exception as e:  # a checkpoint cut short or damaged on disk
@@ -112,7 +116,7 @@ def train(config, workdir: str) -> int:
   # --- Step -----------------------------------------------------------------------------------
   step_fn = make_train_step(graphdef, tx, schedule, tc, null_class=config.data.num_classes,
                             learn_sigma=config.model.learn_sigma,
-                            base_key=jax.random.key(config.seed))
+                            base_key=jax.random.key(config.seed), optimizer_layout=layout)
   replicated = sharding.replicated(mesh)
   train_step = jax.jit(step_fn, in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
                        out_shardings=(state_sharding, replicated), donate_argnums=0)
@@ -129,7 +133,7 @@ def train(config, workdir: str) -> int:
   def save():
     nonlocal last_saved
     if step != last_saved:
-      ckpt.save(state, state["ema_params"], data_iter, config.to_dict())
+      ckpt.save(to_saved(state), state["ema_params"], data_iter, config.to_dict())
       last_saved = step
 
   try:

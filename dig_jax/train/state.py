@@ -3,35 +3,12 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 
 from dig_jax.models import create_model_from_config
 from dig_jax.train import sharding
-
-
-LR_SCHEDULES = ("constant", "cosine")
-
-
-def learning_rate_schedule(train_config) -> optax.Schedule:
-  """Linear warm-up to the peak rate, then constant or cosine decay to zero at total_steps."""
-  lr, warmup = train_config.learning_rate, train_config.warmup_steps
-  kind = train_config.get("lr_schedule", "constant")  # runs saved before the option existed
-  if kind == "cosine":
-    decay_end = max(train_config.total_steps, warmup + 1)
-    return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, decay_end)
-  if kind != "constant":
-    raise ValueError(f"config.train.lr_schedule={kind!r}; expected one of {LR_SCHEDULES}")
-  return optax.linear_schedule(0.0, lr, warmup) if warmup > 0 else optax.constant_schedule(lr)
-
-
-def make_optimizer(train_config) -> optax.GradientTransformation:
-  """AdamW with linear warm-up and the configured decay, optional global-norm clipping."""
-  tx = optax.adamw(learning_rate_schedule(train_config), b1=train_config.get("adam_b1", 0.9),
-                   b2=train_config.get("adam_b2", 0.999), weight_decay=train_config.weight_decay)
-  if train_config.grad_clip_norm > 0:
-    tx = optax.chain(optax.clip_by_global_norm(train_config.grad_clip_norm), tx)
-  return tx
+from dig_jax.train.checkpoint import abstract_like
+from dig_jax.train.optimizer import state_for_checkpoint, state_from_checkpoint
 
 
 def split_model(config, seed: int):
@@ -54,3 +31,24 @@ def create_sharded_state(config, tx, mesh):
 def init_state(params, tx) -> dict:
   return {"step": jnp.zeros((), jnp.int32), "params": params,
           "ema_params": jax.tree.map(jnp.copy, params), "opt_state": tx.init(params)}
+
+
+def checkpoint_form(state, state_sharding, train_config, layout: str, mesh, min_size_mb: float):
+  """(to_saved, from_saved, abstract saved state): checkpoints hold the optimizer's moments
+  per leaf whatever `layout` the step keeps them in (optimizer.py); these convert between the
+  two, on device and in each form's sharding."""
+  if layout == "per_leaf":
+    same = lambda s: s
+    return same, same, abstract_like(state, state_sharding)
+
+  def to_saved(s):
+    return {**s, "opt_state": state_for_checkpoint(s["opt_state"], s["params"], train_config,
+                                                   layout)}
+
+  def from_saved(s):
+    return {**s, "opt_state": state_from_checkpoint(s["opt_state"], s["params"], layout)}
+
+  saved = jax.eval_shape(to_saved, state)
+  saved_sharding = sharding.state_shardings(saved, mesh, min_size_mb)
+  return (jax.jit(to_saved, out_shardings=saved_sharding),
+          jax.jit(from_saved, out_shardings=state_sharding), abstract_like(saved, saved_sharding))

@@ -7,7 +7,7 @@ from flax import nnx
 from dig_jax.data.sources import SOURCES
 from dig_jax.models.registry import create_model_from_config
 from dig_jax.train.sharding import mesh_shape
-from dig_jax.train.state import LR_SCHEDULES
+from dig_jax.train.optimizer import LR_SCHEDULES, OPTIMIZER_LAYOUTS
 from kernels_pallas import conv, swiglu
 from kernels_pallas.gla.api import BACKENDS
 
@@ -59,6 +59,9 @@ def check_config(config):
   _require(tc.learning_rate > 0, f"config.train.learning_rate={tc.learning_rate}; expected > 0")
   _require(tc.lr_schedule in LR_SCHEDULES,
            f"config.train.lr_schedule={tc.lr_schedule!r}; expected one of {LR_SCHEDULES}")
+  layout = tc.get("optimizer_layout", "auto")
+  _require(layout in OPTIMIZER_LAYOUTS,
+           f"config.train.optimizer_layout={layout!r}; expected one of {OPTIMIZER_LAYOUTS}")
   for key in ("adam_b1", "adam_b2"):
     _require(0.0 <= tc[key] < 1.0, f"config.train.{key}={tc[key]}; expected [0, 1)")
   _require(0.0 <= tc.ema_decay < 1.0, f"config.train.ema_decay={tc.ema_decay}; expected [0, 1)")

@@ -1,0 +1,115 @@
+"""Optimizer layouts: the flat layout updates exactly as optax's per-leaf AdamW, converts to
+and from the per-leaf form checkpoints hold, and a run resumes across layouts."""
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from conftest import tiny_config
+from dig_jax.train.loop import train
+from dig_jax.train.metrics import read_metrics
+from dig_jax.train.optimizer import (global_norm, make_optimizer, resolve_layout,
+                                     state_for_checkpoint, state_from_checkpoint)
+from test_train import _restore_params
+
+
+def _train_config(clip=0.0):
+  return ml_collections.ConfigDict(dict(
+      learning_rate=3e-3, warmup_steps=2, lr_schedule="cosine", total_steps=10, adam_b1=0.8,
+      adam_b2=0.95, weight_decay=0.05, grad_clip_norm=clip))
+
+
+def _tree(seed, scale=1.0):
+  """A parameter-like tree of mixed shapes, random values."""
+  keys = jax.random.split(jax.random.key(seed), 4)
+  return {"blocks": [{"kernel": scale * jax.random.normal(keys[0], (6, 5)),
+                      "bias": scale * jax.random.normal(keys[1], (5,))},
+                     {"kernel": scale * jax.random.normal(keys[2], (3, 4, 2))}],
+          "scale": scale * jax.random.normal(keys[3], (7,))}
+
+
+def _optax_adamw(tc):
+  """The reference: optax's AdamW written out here, not through make_optimizer."""
+  schedule = optax.warmup_cosine_decay_schedule(0.0, tc.learning_rate, tc.warmup_steps,
+                                                tc.total_steps)
+  tx = optax.adamw(schedule, b1=tc.adam_b1, b2=tc.adam_b2, weight_decay=tc.weight_decay)
+  if tc.grad_clip_norm > 0:
+    tx = optax.chain(optax.clip_by_global_norm(tc.grad_clip_norm), tx)
+  return tx
+
+
+def _run(tx, params, steps=3):
+  state = tx.init(params)
+  for i in range(steps):
+    updates, state = jax.jit(tx.update)(_tree(100 + i, scale=2.0), state, params)
+    params = optax.apply_updates(params, updates)
+  return params, state
+
+
+@pytest.mark.parametrize("clip", [0.0, 1.5])
+def test_flat_layout_updates_like_optax_per_leaf(clip):
+  tc = _train_config(clip)
+  params = _tree(0)
+  want, want_state = _run(_optax_adamw(tc), params)
+  got, got_state = _run(make_optimizer(tc, "flat"), params)
+  for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, atol=1e-7)
+  assert not np.allclose(np.asarray(jax.tree.leaves(want)[0]), np.asarray(params["blocks"][0]["bias"]))
+  # the checkpoint form of the flat state is optax's per-leaf state
+  saved = state_for_checkpoint(got_state, params, tc, "flat")
+  assert jax.tree.structure(saved) == jax.tree.structure(want_state)
+  for a, b in zip(jax.tree.leaves(want_state), jax.tree.leaves(saved)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, atol=1e-7)
+
+
+def test_checkpoint_form_round_trip_is_exact():
+  tc = _train_config()
+  params = _tree(1)
+  _, per_leaf = _run(make_optimizer(tc), params, steps=2)
+  flat = state_from_checkpoint(per_leaf, params, "flat")
+  mu_tree = per_leaf[0].mu
+  mu_flat = flat[0].mu
+  want = np.concatenate([np.ravel(np.asarray(x)) for x in jax.tree.leaves(mu_tree)])
+  np.testing.assert_array_equal(np.asarray(mu_flat), want)  # optax.flatten's leaf order
+  assert jax.tree.structure(flat) == jax.tree.structure(make_optimizer(tc, "flat").init(params))
+  back = state_for_checkpoint(flat, params, tc, "flat")
+  for a, b in zip(jax.tree.leaves(per_leaf), jax.tree.leaves(back)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert state_from_checkpoint(per_leaf, params, "per_leaf") is per_leaf
+
+
+@pytest.mark.parametrize("layout", ["flat", "per_leaf"])
+def test_global_norm(layout):
+  tree = _tree(2)
+  tree["half"] = jnp.arange(5, dtype=jnp.bfloat16) - 2.5
+  want = np.sqrt(sum(np.sum(np.asarray(x, np.float64) ** 2) for x in jax.tree.leaves(tree)))
+  np.testing.assert_allclose(float(global_norm(tree, layout)), want, rtol=1e-6)
+
+
+def test_layout_resolution_and_errors():
+  assert resolve_layout("auto", 1) == "flat"
+  assert resolve_layout("auto", 4) == "per_leaf"
+  assert resolve_layout("per_leaf", 1) == "per_leaf"
+  with pytest.raises(ValueError, match="'flatten'.*expected one of"):
+    resolve_layout("flatten", 1)
+  with pytest.raises(ValueError, match="'auto'.*resolve"):
+    make_optimizer(_train_config(), "auto")
+
+
+def test_resume_across_layouts_matches_uninterrupted(tmp_path):
+  """Checkpoints hold the per-leaf form: a per-leaf run resumes flat (and back) exactly."""
+  straight, switched = str(tmp_path / "straight"), str(tmp_path / "switched")
+  config = lambda steps, layout: tiny_config(total_steps=steps, checkpoint_every=2, log_every=1,
+                                             optimizer_layout=layout)
+  train(config(6, "per_leaf"), straight)
+  train(config(2, "per_leaf"), switched)
+  train(config(4, "flat"), switched)
+  assert train(config(6, "per_leaf"), switched) == 6
+  assert [m["step"] for m in read_metrics(switched)] == [1, 2, 3, 4, 5, 6]
+  np.testing.assert_allclose([m["loss"] for m in read_metrics(switched)],
+                             [m["loss"] for m in read_metrics(straight)], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(_restore_params(straight)),
+                  jax.tree.leaves(_restore_params(switched))):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
