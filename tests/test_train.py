@@ -123,6 +123,8 @@ def test_non_finite_loss_stops_without_saving(tmp_path):
     ("data", "name", "imagenet9", r"config.data.name='imagenet9'; expected one of"),
     ("train", "lr_schedule", "linear", r"config.train.lr_schedule='linear'; expected one of"),
     ("train", "adam_b2", 1.0, r"config.train.adam_b2=1.0; expected \[0, 1\)"),
+    ("train", "optimizer_layout", "flatten",
+     r"config.train.optimizer_layout='flatten'; expected one of \('auto', 'flat', 'per_leaf'\)"),
     ("data", "num_threads", 0, r"config.data.num_threads=0; expected an integer >= 1"),
 ])
 def test_bad_configs_are_refused(section, key, value, match):

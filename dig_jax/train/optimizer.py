@@ -3,9 +3,9 @@
 Adam's moments are kept in one of two layouts (`config.train.optimizer_layout`):
 - "per_leaf": trees shaped like the parameters, optax's own form;
 - "flat": one vector per moment (`optax.flatten`), so the update is one elementwise pass over
-  every parameter instead of a few kernels per parameter array. DiG has hundreds of small
-  arrays (gate projections, biases, norm scales), whose kernels are bound by their launches on
-  GPUs: the flat layout took about 1.5 ms off a 15 ms DiG-S/2 step on an H100 (BENCHMARKS.md).
+  every parameter instead of a few kernels per parameter array. DiG-S/2 has about 200 arrays,
+  many small (gate projections, biases, norm scales), whose kernels are bound by their launches
+  on GPUs: the flat layout took 8-14 % off a DiG-S/2 step on an H100 (BENCHMARKS.md).
 - "auto" (default): flat unless the mesh splits the state over `fsdp`, where the flat vectors
   would not line up with the parameters' shards and would be resharded every step.
 Checkpoints always hold the per-leaf form (`state_for_checkpoint`, `state_from_checkpoint`), so
