@@ -44,18 +44,27 @@ def gated_norm_linear(o, y, scale, kernel, *, gate_offset: int, eps: float = 1e-
   if scale.shape != (vh,) or kernel.ndim != 2 or kernel.shape[0] != heads * vh:
     raise ValueError(f"gated_norm_linear: scale must be [{vh}] and kernel [{heads * vh}, D] for "
                      f"o {o.shape}, got {scale.shape} and {kernel.shape}")
+  return _gated_norm_linear(o, y, scale, kernel, gate_offset, eps,
+                            _choose(backend, o, gate_offset), interpret)
+
+
+def _choose(backend: str, o, gate_offset: int) -> str:
+  """The backend that runs: `resolve_backend`'s, or the reference when "auto" picked the kernel
+  but each device's share of the rows (under the trainer's mesh) does not suit its blocks."""
   chosen = resolve_backend(backend, o, gate_offset)
-  if chosen == "pallas_gpu":
-    mesh = batch_sharding.ambient_mesh(o.shape[0])
-    rows = o.size // (heads * vh) // (mesh.size if mesh is not None else 1)
-    if not pallas_gpu.supports(rows, vh, gate_offset) and backend == "auto":
-      chosen = "reference"  # each device's share does not suit the blocks
-    elif not pallas_gpu.supports(rows, vh, gate_offset):
-      raise ValueError(
-          f"gated_norm_linear: pallas_gpu needs a power-of-two head size >= 16 dividing "
-          f"gate_offset and rows with a power-of-two factor >= {pallas_gpu.MIN_BLOCK_M}; got "
-          f"head size {vh}, gate_offset {gate_offset}, rows {rows}; use backend='reference'")
-  return _gated_norm_linear(o, y, scale, kernel, gate_offset, eps, chosen, interpret)
+  if chosen != "pallas_gpu":
+    return chosen
+  heads, vh = o.shape[-2:]
+  mesh = batch_sharding.ambient_mesh(o.shape[0])
+  rows = o.size // (heads * vh) // (mesh.size if mesh is not None else 1)
+  if pallas_gpu.supports(rows, vh, gate_offset):
+    return chosen
+  if backend == "auto":
+    return "reference"
+  raise ValueError(
+      f"gated_norm_linear: pallas_gpu needs a power-of-two head size >= 16 dividing "
+      f"gate_offset and rows with a power-of-two factor >= {pallas_gpu.MIN_BLOCK_M}; got "
+      f"head size {vh}, gate_offset {gate_offset}, rows {rows}; use backend='reference'")
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
