@@ -215,18 +215,18 @@ def _build(config):
   from flax import nnx
 
   from dig_jax.diffusion import create_schedule
-  from dig_jax.train.optimizer import with_layout
+  from dig_jax.train.optimizer import flat_below, with_layout
   from dig_jax.train.step import make_train_step
 
   model, params_count, latent = _create_model(config)
   graphdef, params = nnx.split(model, nnx.Param)
   del model
-  layout = config.get("optimizer_layout", "flat")
-  tx = with_layout(optax.adamw(1e-4, weight_decay=0.0), layout)  # the paper's recipe
+  below = flat_below(config.get("optimizer_layout", "auto"))
+  tx = with_layout(optax.adamw(1e-4, weight_decay=0.0), below)  # the paper's recipe
   train_config = types.SimpleNamespace(ema_decay=0.9999, label_dropout=0.1)
   step = make_train_step(graphdef, tx, create_schedule(1000), train_config,
                          null_class=NUM_CLASSES, learn_sigma=True, base_key=jax.random.key(1),
-                         optimizer_layout=layout)
+                         flat_below=below)
 
   def init_state():
     return {"step": jnp.zeros((), jnp.int32), "params": params,
@@ -380,7 +380,7 @@ def run_config(config, progress=print) -> dict:
              impl=config["impl"], dtype=config["dtype"], steps=config["steps"],
              warmup=config["warmup"], depth=config.get("depth"),
              hidden_size=config.get("hidden_size"),
-             optimizer_layout=config.get("optimizer_layout", "flat"), **device_info())
+             optimizer_layout=config.get("optimizer_layout", "auto"), **device_info())
   shape_overrides = {k: config[k] for k in ("depth", "hidden_size") if config.get(k)}
   if config.get("hidden_size"):
     shape_overrides["num_heads"] = max(1, config["hidden_size"] // 64)
@@ -543,7 +543,7 @@ def _impl(row: dict) -> str:
     out += f", conv {row['conv_backend']}"
   if row.get("elementwise_backend", "auto") != "auto":
     out += f", elementwise {row['elementwise_backend']}"
-  if row.get("optimizer_layout", "flat") != "flat" and _mode(row) == "train":
+  if row.get("optimizer_layout", "auto") != "auto" and _mode(row) == "train":
     out += f", optimizer {row['optimizer_layout']}"
   remat = row.get("remat", "none")
   return out if remat == "none" else f"{out}, remat {remat}"
@@ -725,9 +725,9 @@ def build_parser():
   parser.add_argument("--elementwise_backend", default="auto",
                       help="backend of the one-pass backward of DiG's SwiGLU and GLA gated "
                            "output (auto, reference, pallas_gpu)")
-  parser.add_argument("--optimizer_layout", default="flat", choices=("flat", "per_leaf"),
-                      help="Adam's moments as one vector (flat, what training uses on one "
-                           "device or a data-parallel mesh) or one array per parameter")
+  parser.add_argument("--optimizer_layout", default="auto", choices=("auto", "flat", "per_leaf"),
+                      help="Adam's moments of small parameter arrays as one vector (auto, "
+                           "what training uses), of all arrays (flat), or one per array")
   parser.add_argument("--dtype", default="bfloat16", help="compute dtype (params stay fp32)")
   parser.add_argument("--remat", default="none", choices=("none", "full", "dots"),
                       help="what each block keeps for the backward pass: everything (none), its "

@@ -108,6 +108,8 @@ def main():
   parser.add_argument("--batch", type=int, default=64)
   parser.add_argument("--impl", default=None, help="GLA backend or DiT attention")
   parser.add_argument("--depth", type=int, default=None)
+  parser.add_argument("--optimizer_layout", default="auto", choices=("auto", "flat", "per_leaf"),
+                      help="dig_jax.bench's: how Adam's moments are laid out")
   parser.add_argument("--steps", type=int, default=5, help="traced steps")
   parser.add_argument("--warmup", type=int, default=3)
   parser.add_argument("--top", type=int, default=40)
@@ -121,7 +123,8 @@ def main():
 
   from dig_jax import bench
   impl = args.impl or ("auto" if args.model.startswith("DiG") else "cudnn")
-  config = dict(model=args.model, px=args.px, batch=args.batch, impl=impl, dtype="bfloat16")
+  config = dict(model=args.model, px=args.px, batch=args.batch, impl=impl, dtype="bfloat16",
+                optimizer_layout=args.optimizer_layout)
   if args.depth:
     config["depth"] = args.depth
   step, init_state, _, latent = bench._build(config)

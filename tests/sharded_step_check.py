@@ -11,18 +11,18 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from conftest import tiny_config  # noqa: E402
 from dig_jax.diffusion import create_schedule  # noqa: E402
 from dig_jax.train import sharding  # noqa: E402
-from dig_jax.train.optimizer import make_optimizer, resolve_layout  # noqa: E402
+from dig_jax.train.optimizer import flat_below, make_optimizer  # noqa: E402
 from dig_jax.train.state import create_sharded_state  # noqa: E402
 from dig_jax.train.step import make_train_step  # noqa: E402
 
 
 def one_step(mesh, config):
-  layout = resolve_layout("auto", mesh.shape["fsdp"])  # as the trainer picks it
-  tx = make_optimizer(config.train, layout)
+  below = flat_below("auto", mesh.shape["fsdp"], config.mesh.fsdp_min_size_mb)  # the trainer's
+  tx = make_optimizer(config.train, below)
   graphdef, state, shardings = create_sharded_state(config, tx, mesh)
   step = jax.jit(make_train_step(graphdef, tx, create_schedule(1000), config.train, null_class=10,
                                  learn_sigma=True, base_key=jax.random.key(0),
-                                 optimizer_layout=layout),
+                                 flat_below=below),
                  in_shardings=(shardings, sharding.batch_sharding(mesh)),
                  out_shardings=(shardings, sharding.replicated(mesh)))
   rng = np.random.default_rng(0)
@@ -31,7 +31,7 @@ def one_step(mesh, config):
   state, _ = step(state, sharding.global_batch(batch, mesh))
   kernel = state["params"]["blocks"][0]["mlp"]["up"]["kernel"]
   return ([np.asarray(x).tolist() for x in jax.tree.leaves(state["params"])],
-          str(kernel.sharding.spec), len(kernel.addressable_shards[0].data.reshape(-1)), layout)
+          str(kernel.sharding.spec), len(kernel.addressable_shards[0].data.reshape(-1)), below)
 
 
 def lowers_with_kernels(mesh, config) -> dict:
@@ -62,9 +62,9 @@ def main():
   for data, fsdp in ((1, 1), (2, 4), (8, 1)):
     mesh = Mesh(devices[:data * fsdp].reshape(data, fsdp), ("data", "fsdp"),
                 axis_types=(AxisType.Auto, AxisType.Auto))
-    params, spec, shard_size, layout = one_step(mesh, config)
+    params, spec, shard_size, below = one_step(mesh, config)
     results[f"{data}x{fsdp}"] = {"params": params, "spec": spec, "shard_size": shard_size,
-                                 "optimizer_layout": layout}
+                                 "flat_below": below}
     if (data, fsdp) == (2, 4):
       results["kernel_calls_lowered"] = lowers_with_kernels(mesh, config)
   print(json.dumps({"num_devices": len(devices), "results": results}))

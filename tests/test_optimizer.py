@@ -1,5 +1,6 @@
-"""Optimizer layouts: the flat layout updates exactly as optax's per-leaf AdamW, converts to
-and from the per-leaf form checkpoints hold, and a run resumes across layouts."""
+"""Optimizer layouts: small arrays' moments in one vector update exactly as optax's per-array
+AdamW, convert to and from the per-array form checkpoints hold, and a run resumes across
+layouts."""
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -10,7 +11,7 @@ import pytest
 from conftest import tiny_config
 from dig_jax.train.loop import train
 from dig_jax.train.metrics import read_metrics
-from dig_jax.train.optimizer import (global_norm, make_optimizer, resolve_layout,
+from dig_jax.train.optimizer import (ALL, flat_below, global_norm, make_optimizer,
                                      state_for_checkpoint, state_from_checkpoint)
 from test_train import _restore_params
 
@@ -48,54 +49,56 @@ def _run(tx, params, steps=3):
   return params, state
 
 
-@pytest.mark.parametrize("clip", [0.0, 1.5])
-def test_flat_layout_updates_like_optax_per_leaf(clip):
+# below=8: the [5] bias, [7] scale go in the vector, the [6, 5] and [3, 4, 2] kernels do not
+@pytest.mark.parametrize("clip,below", [(0.0, ALL), (1.5, ALL), (0.0, 8), (1.5, 8)])
+def test_flat_layout_updates_like_optax_per_leaf(clip, below):
   tc = _train_config(clip)
   params = _tree(0)
   want, want_state = _run(_optax_adamw(tc), params)
-  got, got_state = _run(make_optimizer(tc, "flat"), params)
+  got, got_state = _run(make_optimizer(tc, below), params)
   for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, atol=1e-7)
   assert not np.allclose(np.asarray(jax.tree.leaves(want)[0]), np.asarray(params["blocks"][0]["bias"]))
   # the checkpoint form of the flat state is optax's per-leaf state
-  saved = state_for_checkpoint(got_state, params, tc, "flat")
+  saved = state_for_checkpoint(got_state, params, below)
   assert jax.tree.structure(saved) == jax.tree.structure(want_state)
   for a, b in zip(jax.tree.leaves(want_state), jax.tree.leaves(saved)):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, atol=1e-7)
 
 
-def test_checkpoint_form_round_trip_is_exact():
+@pytest.mark.parametrize("below", [ALL, 8])
+def test_checkpoint_form_round_trip_is_exact(below):
   tc = _train_config()
   params = _tree(1)
   _, per_leaf = _run(make_optimizer(tc), params, steps=2)
-  flat = state_from_checkpoint(per_leaf, params, "flat")
-  mu_tree = per_leaf[0].mu
-  mu_flat = flat[0].mu
-  want = np.concatenate([np.ravel(np.asarray(x)) for x in jax.tree.leaves(mu_tree)])
-  np.testing.assert_array_equal(np.asarray(mu_flat), want)  # optax.flatten's leaf order
-  assert jax.tree.structure(flat) == jax.tree.structure(make_optimizer(tc, "flat").init(params))
-  back = state_for_checkpoint(flat, params, tc, "flat")
+  mixed = state_from_checkpoint(per_leaf, params, below)
+  leaves = [np.asarray(x) for x in jax.tree.leaves(per_leaf[0].mu)]
+  want = np.concatenate([np.ravel(x) for x in leaves if x.size < below])
+  np.testing.assert_array_equal(np.asarray(mixed[0].mu["flat"]), want)  # in leaf order
+  assert [x.shape for x in mixed[0].mu["large"]] == [x.shape for x in leaves if x.size >= below]
+  assert jax.tree.structure(mixed) == jax.tree.structure(make_optimizer(tc, below).init(params))
+  back = state_for_checkpoint(mixed, params, below)
+  assert jax.tree.structure(back) == jax.tree.structure(per_leaf)
   for a, b in zip(jax.tree.leaves(per_leaf), jax.tree.leaves(back)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  assert state_from_checkpoint(per_leaf, params, "per_leaf") is per_leaf
+  assert state_from_checkpoint(per_leaf, params, 0) is per_leaf
 
 
-@pytest.mark.parametrize("layout", ["flat", "per_leaf"])
-def test_global_norm(layout):
+@pytest.mark.parametrize("below", [ALL, 8, 0])
+def test_global_norm(below):
   tree = _tree(2)
   tree["half"] = jnp.arange(5, dtype=jnp.bfloat16) - 2.5
   want = np.sqrt(sum(np.sum(np.asarray(x, np.float64) ** 2) for x in jax.tree.leaves(tree)))
-  np.testing.assert_allclose(float(global_norm(tree, layout)), want, rtol=1e-6)
+  np.testing.assert_allclose(float(global_norm(tree, below)), want, rtol=1e-6)
 
 
-def test_layout_resolution_and_errors():
-  assert resolve_layout("auto", 1) == "flat"
-  assert resolve_layout("auto", 4) == "per_leaf"
-  assert resolve_layout("per_leaf", 1) == "per_leaf"
+def test_layout_thresholds_and_errors():
+  assert flat_below("auto") == 2**20  # float32 arrays under 4 MiB
+  assert flat_below("auto", 4, fsdp_min_size_mb=1.0) == 2**18  # those fsdp leaves replicated
+  assert flat_below("auto", 4, fsdp_min_size_mb=16.0) == 2**20
+  assert flat_below("flat") == ALL and flat_below("per_leaf") == 0
   with pytest.raises(ValueError, match="'flatten'.*expected one of"):
-    resolve_layout("flatten", 1)
-  with pytest.raises(ValueError, match="'auto'.*resolve"):
-    make_optimizer(_train_config(), "auto")
+    flat_below("flatten")
 
 
 def test_resume_across_layouts_matches_uninterrupted(tmp_path):

@@ -18,7 +18,7 @@ from dig_jax.diffusion import create_schedule
 from dig_jax.train import sharding
 from dig_jax.train.checkpoint import Checkpointer
 from dig_jax.train.metrics import MetricsWriter
-from dig_jax.train.optimizer import make_optimizer, resolve_layout
+from dig_jax.train.optimizer import flat_below, make_optimizer
 from dig_jax.train.state import checkpoint_form, create_sharded_state
 from dig_jax.train.step import make_train_step
 from dig_jax.train.validate import ConfigError, check_config, check_resume_config
@@ -82,12 +82,13 @@ def train(config, workdir: str) -> int:
                                  num_workers=config.data.num_workers))
 
   # --- Model, optimizer, diffusion ------------------------------------------------------------
-  layout = resolve_layout(tc.get("optimizer_layout", "auto"), mesh.shape["fsdp"])
-  tx = make_optimizer(tc, layout)
+  below = flat_below(tc.get("optimizer_layout", "auto"), mesh.shape["fsdp"],
+                     config.mesh.fsdp_min_size_mb)
+  tx = make_optimizer(tc, below)
   schedule = create_schedule(config.diffusion.num_timesteps)
   graphdef, state, state_sharding = create_sharded_state(config, tx, mesh)
   to_saved, from_saved, saved_abstract = checkpoint_form(
-      state, state_sharding, tc, layout, mesh, config.mesh.fsdp_min_size_mb)
+      state, state_sharding, below, mesh, config.mesh.fsdp_min_size_mb)
 
   # --- Resume ---------------------------------------------------------------------------------
   ckpt = Checkpointer(workdir, keep=tc.keep_checkpoints, keep_every=tc.keep_every)
@@ -116,7 +117,7 @@ def train(config, workdir: str) -> int:
   # --- Step -----------------------------------------------------------------------------------
   step_fn = make_train_step(graphdef, tx, schedule, tc, null_class=config.data.num_classes,
                             learn_sigma=config.model.learn_sigma,
-                            base_key=jax.random.key(config.seed), optimizer_layout=layout)
+                            base_key=jax.random.key(config.seed), flat_below=below)
   replicated = sharding.replicated(mesh)
   train_step = jax.jit(step_fn, in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
                        out_shardings=(state_sharding, replicated), donate_argnums=0)

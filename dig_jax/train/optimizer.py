@@ -1,25 +1,30 @@
 """The optimizer (AdamW and its learning-rate schedule) and the layout of its state.
 
-Adam's moments are kept in one of two layouts (`config.train.optimizer_layout`):
-- "per_leaf": trees shaped like the parameters, optax's own form;
-- "flat": one vector per moment (`optax.flatten`), so the update is one elementwise pass over
-  every parameter instead of a few kernels per parameter array. DiG-S/2 has about 200 arrays,
-  many small (gate projections, biases, norm scales), whose kernels are bound by their launches
-  on GPUs: the flat layout took 8-14 % off a DiG-S/2 step on an H100 (BENCHMARKS.md).
-- "auto" (default): flat unless the mesh splits the state over `fsdp`, where the flat vectors
-  would not line up with the parameters' shards and would be resharded every step.
-Checkpoints always hold the per-leaf form (`state_for_checkpoint`, `state_from_checkpoint`), so
-a run can resume under either layout and checkpoints written before the option restore as is.
+Adam's moments for parameter arrays smaller than `flat_below` elements are kept as one vector
+(the small arrays concatenated), the others as arrays of their own. Why: an optimizer update
+costs a few kernels per array; for a small array they are bound by their launches (DiG-S/2 has
+about 200 arrays, most small: the flat vector took 8-14 % off its step on an H100), for a large
+one by memory, where the concatenation is an extra pass (DiG-XL/2: all flat was 2 % slower than
+per array; BENCHMARKS.md). `config.train.optimizer_layout`:
+- "auto" (default): arrays under 4 MiB flat (and under `mesh.fsdp_min_size_mb` when fsdp > 1: the
+  sizes that stay replicated, so the vector never needs resharding), the rest per array;
+- "flat": every array in the vector; "per_leaf": none (optax's own form).
+Checkpoints always hold the per-array form (`state_for_checkpoint`, `state_from_checkpoint`), so a
+run can resume under any layout and checkpoints written before the option restore as they are.
 """
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
-from jax.flatten_util import ravel_pytree
 
 LR_SCHEDULES = ("constant", "cosine")
 OPTIMIZER_LAYOUTS = ("auto", "flat", "per_leaf")
+AUTO_FLAT_BYTES = 4 * 2**20  # float32 arrays below this many bytes share the flat vector
+ALL = math.inf
 
 
 def learning_rate_schedule(train_config) -> optax.Schedule:
@@ -34,63 +39,97 @@ def learning_rate_schedule(train_config) -> optax.Schedule:
   return optax.linear_schedule(0.0, lr, warmup) if warmup > 0 else optax.constant_schedule(lr)
 
 
-def resolve_layout(layout: str, fsdp_size: int) -> str:
-  """"auto" -> "flat" on meshes that replicate the state, "per_leaf" where fsdp splits it."""
+def flat_below(layout: str, fsdp_size: int = 1, fsdp_min_size_mb: float = 4.0) -> float:
+  """Arrays with fewer elements than this share the flat vector (0: none, ALL: every one)."""
   if layout not in OPTIMIZER_LAYOUTS:
     raise ValueError(f"optimizer layout {layout!r}; expected one of {OPTIMIZER_LAYOUTS}")
-  if layout == "auto":
-    return "flat" if fsdp_size == 1 else "per_leaf"
-  return layout
+  if layout == "flat":
+    return ALL
+  if layout == "per_leaf":
+    return 0
+  limit = AUTO_FLAT_BYTES if fsdp_size == 1 else min(AUTO_FLAT_BYTES, fsdp_min_size_mb * 2**20)
+  return limit / 4  # float32 elements
 
 
-def with_layout(tx: optax.GradientTransformation, layout: str) -> optax.GradientTransformation:
-  """`tx` keeping its state in `layout` ("flat" or "per_leaf")."""
-  if layout not in ("flat", "per_leaf"):
-    raise ValueError(f"optimizer layout {layout!r}; expected 'flat' or 'per_leaf' (resolve "
-                     f"'auto' with resolve_layout first)")
-  return optax.flatten(tx) if layout == "flat" else tx
+def _is_small(tree, below):
+  return [np.size(x) < below for x in jax.tree.leaves(tree)]
 
 
-def make_optimizer(train_config, layout: str = "per_leaf") -> optax.GradientTransformation:
-  """AdamW with linear warm-up and the configured decay, optional global-norm clipping, its
-  state in `layout` (the per-leaf default is the form checkpoints hold)."""
+def split(tree, below):
+  """{"flat": the small leaves concatenated, "large": the others} (leaf order kept)."""
+  leaves = jax.tree.leaves(tree)
+  small = [jnp.ravel(x) for x, s in zip(leaves, _is_small(tree, below)) if s]
+  flat = jnp.concatenate(small) if small else jnp.zeros((0,), jnp.float32)
+  return {"flat": flat, "large": [x for x, s in zip(leaves, _is_small(tree, below)) if not s]}
+
+
+def unsplit(parts, like, below):
+  """The tree shaped like `like` from `split`'s parts."""
+  leaves, treedef = jax.tree.flatten(like)
+  large, out, offset = iter(parts["large"]), [], 0
+  for x, small in zip(leaves, _is_small(like, below)):
+    if small:
+      out.append(parts["flat"][offset:offset + np.size(x)].reshape(np.shape(x)))
+      offset += np.size(x)
+    else:
+      out.append(next(large))
+  return jax.tree.unflatten(treedef, out)
+
+
+def with_layout(tx: optax.GradientTransformation, below: float) -> optax.GradientTransformation:
+  """`tx` run on `split` trees: its state holds the arrays under `below` elements as one vector."""
+  if not below:
+    return tx
+
+  def init(params):
+    return tx.init(split(params, below))
+
+  def update(updates, state, params=None):
+    out, state = tx.update(split(updates, below), state,
+                           None if params is None else split(params, below))
+    return unsplit(out, updates, below), state
+
+  return optax.GradientTransformation(init, update)
+
+
+def make_optimizer(train_config, below: float = 0) -> optax.GradientTransformation:
+  """AdamW with linear warm-up and the configured decay, optional global-norm clipping, arrays
+  under `below` elements in one vector (the per-array default is the form checkpoints hold)."""
   tx = optax.adamw(learning_rate_schedule(train_config), b1=train_config.get("adam_b1", 0.9),
                    b2=train_config.get("adam_b2", 0.999), weight_decay=train_config.weight_decay)
   if train_config.grad_clip_norm > 0:
     tx = optax.chain(optax.clip_by_global_norm(train_config.grad_clip_norm), tx)
-  return with_layout(tx, layout)
+  return with_layout(tx, below)
 
 
-def global_norm(tree, layout: str):
-  """L2 norm of every leaf together. Flat: one reduction over the concatenated leaves (XLA
-  fuses it with the flat optimizer's own concatenation); per-leaf: one per leaf, which keeps
-  fsdp shards where they are."""
-  if layout == "flat":
-    flat = jnp.concatenate([jnp.ravel(x).astype(jnp.float32) for x in jax.tree.leaves(tree)])
-    return jnp.sqrt(jnp.sum(flat * flat))
-  return optax.tree.norm(tree)
+def global_norm(tree, below: float = 0):
+  """L2 norm of every leaf together: the small leaves' part as one reduction over their
+  concatenation (XLA shares it with the optimizer's), the large ones' per array (which keeps
+  fsdp shards where they are)."""
+  parts = split(tree, below) if below else {"flat": jnp.zeros((0,)), "large": jax.tree.leaves(tree)}
+  squares = [jnp.sum(jnp.square(x.astype(jnp.float32))) for x in [parts["flat"], *parts["large"]]]
+  return jnp.sqrt(sum(squares))
 
 
-def _like_params(params):
-  treedef = jax.tree.structure(params)
+def _same_structure(tree):
+  treedef = jax.tree.structure(tree)
   return lambda subtree: jax.tree.structure(subtree) == treedef
 
 
-def state_for_checkpoint(opt_state, params, train_config, layout: str):
-  """The per-leaf form of an optimizer state held in `layout` (what checkpoints hold)."""
-  if layout == "per_leaf":
+def state_for_checkpoint(opt_state, params, below: float):
+  """The per-array form of an optimizer state whose arrays under `below` elements share a vector
+  (what checkpoints hold)."""
+  if not below:
     return opt_state
-  template = jax.eval_shape(make_optimizer(train_config).init, params)
-  like_params = _like_params(params)
-  _, unravel = ravel_pytree(params)
-  # the flat state is the per-leaf one with a vector wherever a parameter-shaped tree was
-  return jax.tree.map(lambda x, t: unravel(x) if like_params(t) else x, opt_state, template)
+  is_split = _same_structure(split(params, below))
+  return jax.tree.map(lambda t: unsplit(t, params, below) if is_split(t) else t, opt_state,
+                      is_leaf=is_split)
 
 
-def state_from_checkpoint(opt_state, params, layout: str):
-  """An optimizer state in `layout` from its per-leaf form."""
-  if layout == "per_leaf":
+def state_from_checkpoint(opt_state, params, below: float):
+  """The optimizer state for `below` from its per-array form."""
+  if not below:
     return opt_state
-  like_params = _like_params(params)
-  return jax.tree.map(lambda t: ravel_pytree(t)[0] if like_params(t) else t, opt_state,
-                      is_leaf=like_params)
+  is_params = _same_structure(params)
+  return jax.tree.map(lambda t: split(t, below) if is_params(t) else t, opt_state,
+                      is_leaf=is_params)

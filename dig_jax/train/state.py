@@ -33,20 +33,19 @@ def init_state(params, tx) -> dict:
           "ema_params": jax.tree.map(jnp.copy, params), "opt_state": tx.init(params)}
 
 
-def checkpoint_form(state, state_sharding, train_config, layout: str, mesh, min_size_mb: float):
-  """(to_saved, from_saved, abstract saved state): checkpoints hold the optimizer's moments
-  per leaf whatever `layout` the step keeps them in (optimizer.py); these convert between the
-  two, on device and in each form's sharding."""
-  if layout == "per_leaf":
+def checkpoint_form(state, state_sharding, flat_below: float, mesh, min_size_mb: float):
+  """(to_saved, from_saved, abstract saved state): checkpoints hold the optimizer's moments per
+  array whatever share of them the step keeps as one vector (optimizer.py); these convert
+  between the two, on device and in each form's sharding."""
+  if not flat_below:
     same = lambda s: s
     return same, same, abstract_like(state, state_sharding)
 
   def to_saved(s):
-    return {**s, "opt_state": state_for_checkpoint(s["opt_state"], s["params"], train_config,
-                                                   layout)}
+    return {**s, "opt_state": state_for_checkpoint(s["opt_state"], s["params"], flat_below)}
 
   def from_saved(s):
-    return {**s, "opt_state": state_from_checkpoint(s["opt_state"], s["params"], layout)}
+    return {**s, "opt_state": state_from_checkpoint(s["opt_state"], s["params"], flat_below)}
 
   saved = jax.eval_shape(to_saved, state)
   saved_sharding = sharding.state_shardings(saved, mesh, min_size_mb)

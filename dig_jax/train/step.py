@@ -16,9 +16,10 @@ def drop_labels(key, labels, rate: float, null_class: int):
 
 
 def make_train_step(graphdef, tx, schedule, train_config, *, null_class: int,
-                    learn_sigma: bool, base_key, optimizer_layout: str = "per_leaf"):
-  """Returns step(state, batch) -> (state, metrics). `optimizer_layout`: the layout `tx` keeps
-  its state in (optimizer.py), which also picks how the gradient norm is reduced.
+                    learn_sigma: bool, base_key, flat_below: float = 0):
+  """Returns step(state, batch) -> (state, metrics). `flat_below`: `tx` keeps the state of
+  arrays under this many elements as one vector (optimizer.py); the gradient norm is reduced
+  the same way.
 
   Randomness (timesteps, noise, dropped labels) is a function of `base_key` and the step alone,
   so a resumed run draws exactly what an uninterrupted one would.
@@ -44,7 +45,7 @@ def make_train_step(graphdef, tx, schedule, train_config, *, null_class: int,
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     ema = optax.incremental_update(params, state["ema_params"], step_size=1.0 - ema_decay)
-    grad_norm = global_norm(grads, optimizer_layout)
+    grad_norm = global_norm(grads, flat_below)
     metrics = {"loss": loss, "mse": jnp.mean(terms["mse"]), "vb": jnp.mean(terms["vb"]),
                "grad_norm": grad_norm,
                "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm)}
