@@ -543,8 +543,9 @@ def _impl(row: dict) -> str:
     out += f", conv {row['conv_backend']}"
   if row.get("elementwise_backend", "auto") != "auto":
     out += f", elementwise {row['elementwise_backend']}"
-  if row.get("optimizer_layout", "auto") != "auto" and _mode(row) == "train":
-    out += f", optimizer {row['optimizer_layout']}"
+  layout = row.get("optimizer_layout", "per_leaf")  # rows from before the option: as _row_key
+  if layout != "auto" and _mode(row) == "train":
+    out += f", optimizer {layout}"
   remat = row.get("remat", "none")
   return out if remat == "none" else f"{out}, remat {remat}"
 
@@ -817,7 +818,8 @@ def main(argv=None):
       row = _run_isolated(config, args.timeout)
     row = {**dict(model=config["model"], family=config["model"].split("-")[0],
                   size=config["model"].split("-")[1], px=config["px"], batch=config["batch"],
-                  impl=config["impl"], remat=config["remat"]), **row}
+                  impl=config["impl"], remat=config["remat"],
+                  optimizer_layout=config["optimizer_layout"]), **row}
     if "fwd_gflops_per_image" not in row:  # a worker that never got as far (crash, timeout)
       from dig_jax import flops
       overrides = {k: config[k] for k in ("depth", "hidden_size") if config.get(k)}

@@ -57,10 +57,10 @@ def _is_small(tree, below):
 
 def split(tree, below):
   """{"flat": the small leaves concatenated, "large": the others} (leaf order kept)."""
-  leaves = jax.tree.leaves(tree)
-  small = [jnp.ravel(x) for x, s in zip(leaves, _is_small(tree, below)) if s]
+  leaves, is_small = jax.tree.leaves(tree), _is_small(tree, below)
+  small = [jnp.ravel(x) for x, s in zip(leaves, is_small) if s]
   flat = jnp.concatenate(small) if small else jnp.zeros((0,), jnp.float32)
-  return {"flat": flat, "large": [x for x, s in zip(leaves, _is_small(tree, below)) if not s]}
+  return {"flat": flat, "large": [x for x, s in zip(leaves, is_small) if not s]}
 
 
 def unsplit(parts, like, below):
@@ -106,7 +106,7 @@ def global_norm(tree, below: float = 0):
   """L2 norm of every leaf together: the small leaves' part as one reduction over their
   concatenation (XLA shares it with the optimizer's), the large ones' per array (which keeps
   fsdp shards where they are)."""
-  parts = split(tree, below) if below else {"flat": jnp.zeros((0,)), "large": jax.tree.leaves(tree)}
+  parts = split(tree, below)  # below = 0: an empty vector and every leaf on its own
   squares = [jnp.sum(jnp.square(x.astype(jnp.float32))) for x in [parts["flat"], *parts["large"]]]
   return jnp.sqrt(sum(squares))
 
