@@ -34,7 +34,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax._src.ad_checkpoint import saved_residuals
 
-from dig_jax.models import dig, dit, gla, registry
+from dig_jax.models import dig, dit, registry
+from kernels_pallas.gla import api as gla_api
 from kernels_pallas.gla.api import unpack_qkv
 
 
@@ -100,7 +101,7 @@ def gpu_like_mixers(gla_stand_in: bool):
   """DiT attention as cuDNN's residuals; DiG's GLA as the kernel's (stand-in or interpret)."""
   patches = [mock.patch.object(dit.jax.nn, "dot_product_attention", cudnn_like)]
   if gla_stand_in:
-    patches.append(mock.patch.object(gla, "chunk_gla_packed", kernel_like_gla))
+    patches.append(mock.patch.object(gla_api, "chunk_gla_packed", kernel_like_gla))
   with contextlib.ExitStack() as stack:
     for p in patches:
       stack.enter_context(p)

@@ -1,8 +1,7 @@
-"""Run by test_swiglu_kernels.py and test_gated_norm_kernels.py in a subprocess with 8 fake CPU
-devices: `swiglu_linear` and `gated_norm_linear` with their Pallas backward kernels (interpret
-mode) inside a sharded jit under the trainer's 8-device mesh; prints JSON with, per function,
-the relative errors of the loss and the gradients against one device and the rows each kernel
-call sees."""
+"""Run by test_elementwise_sharded.py in a subprocess with 8 fake CPU devices: `swiglu_linear`,
+`gated_norm_linear` and `gla_layer` (one VJP) with their Pallas kernels (interpret mode) inside
+a sharded jit under the trainer's 8-device mesh; prints JSON with, per function, the relative
+errors of the loss and the gradients against one device and the rows each kernel call sees."""
 import json
 
 import jax
@@ -12,6 +11,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from dig_jax.train.sharding import make_mesh
 from jaxpr_eqns import eqns
 from kernels_pallas.gated_norm import gated_norm_linear
+from kernels_pallas.gla.layer import gla_layer
 from kernels_pallas.swiglu import swiglu_linear
 
 GATE_OFFSET = 64  # gated_norm's gate columns start here in y
@@ -32,7 +32,16 @@ def _cases():
   gated = (lambda o, y, scale, wo: jnp.sum(
       gated_norm_linear(o, y, scale, wo, gate_offset=GATE_OFFSET, backend="pallas_gpu",
                         interpret=True) * dout2), (o, y, scale, wo))
-  return {"swiglu_linear": swiglu, "gated_norm_linear": gated}
+  # gla_layer with one VJP: 2 heads of K 16, V 32, rank 4 -> y has 2 (32 + 32) + 64 + 4 columns
+  ks = jax.random.split(jax.random.PRNGKey(1), 6)
+  y = jax.random.normal(ks[0], (16, 16, 196))
+  gate = (jax.random.normal(ks[1], (4, 32)), 1.0 + jax.random.normal(ks[2], (32,)))
+  dout3 = jax.random.normal(ks[5], (16, 16, 24))
+  layer = (lambda y, wg, bg, scale, wo: jnp.sum(gla_layer(
+      y, wg, bg, scale, wo, heads=2, key_dim=16, value_dim=32, backend="pallas_gpu",
+      output_backend="pallas_gpu", interpret=True) * dout3),
+      (y, *gate, 1.0 + 0.1 * jax.random.normal(ks[3], (32,)), jax.random.normal(ks[4], (64, 24))))
+  return {"swiglu_linear": swiglu, "gated_norm_linear": gated, "gla_layer": layer}
 
 
 def main():

@@ -73,10 +73,10 @@ def test_dit_flops_match_jaxpr_and_xla(name, latent):
 def test_dig_flops_match_jaxpr_outside_the_gla_kernel(monkeypatch):
   """The projections, SwiGLU (down projection included), gate, embedders and final layer:
   the jaxpr with the GLA kernel stubbed out has exactly the analytic matmuls less mixer_core."""
-  import dig_jax.models.gla as gla_module
+  import kernels_pallas.gla.api as gla_api
   def stub(qkv, g, *, value_dim, **kw):  # o = v: no matmul
     return unpack_qkv(qkv, *g.shape[2:], value_dim)[2], None
-  monkeypatch.setattr(gla_module, "chunk_gla_packed", stub)
+  monkeypatch.setattr(gla_api, "chunk_gla_packed", stub)
   name, latent = "DiG-S/2", 16
   model = create_model(name, input_size=latent, in_channels=4, num_classes=10,
                        rngs=nnx.Rngs(0), **TINY)

@@ -1,4 +1,4 @@
-"""The one-pass backward kernels (SwiGLU, GLA's gated output) run per batch shard on 8 fake
+"""The one-pass backward kernels (SwiGLU, GLA's gated output, the GLA layer's one VJP) run per batch shard on 8 fake
 devices inside a sharded jit, and match one device (tests/sharded_elementwise_check.py, one
 subprocess for both)."""
 from conftest import run_on_8_devices
@@ -10,6 +10,10 @@ def test_kernels_run_per_batch_shard_on_8_devices():
   # 2 of the 16 examples per device: 4 x 4 tokens (SwiGLU), 16 tokens (gated output)
   assert result["swiglu_linear"]["kernel_rows"] == [2 * 4 * 4]
   assert result["gated_norm_linear"]["kernel_rows"] == [2 * 16]
-  for name in ("swiglu_linear", "gated_norm_linear"):
+  # the GLA layer: every kernel (GLA forward, backward, chunk states; the output stage's
+  # backward) on one device's 2 examples (gated output: their 2 x 16 rows)
+  rows = result["gla_layer"]["kernel_rows"]
+  assert len(rows) >= 4 and set(rows) <= {2, 2 * 16}, rows
+  for name in ("swiglu_linear", "gated_norm_linear", "gla_layer"):
     assert result[name]["loss_rel_err"] < 1e-5, name
     assert max(result[name]["grad_rel_errs"]) < 1e-5, name

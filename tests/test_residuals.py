@@ -20,6 +20,8 @@ from jax.ad_checkpoint import print_saved_residuals
 from conftest import randomize_params
 from dig_jax.models import dig, gla
 from dig_jax.models.scan_order import layer_orientation, orient_conv_kernel
+from kernels_pallas.gla import api as gla_api
+from kernels_pallas.gla import layer as gla_layer
 from kernels_pallas.gla import reference
 from kernels_pallas.gla.api import unpack_qkv
 
@@ -107,7 +109,7 @@ def test_dig_block_gradients_match_plain_jnp(layer_index):
 def test_forget_gate_derivative_from_its_output():
   """-expm1(log_sigmoid(z)) against sigmoid(-z), in float32, out to saturated gates."""
   z = jnp.concatenate([jnp.linspace(-120.0, 120.0, 4001), jnp.array([-1e-3, 0.0, 1e-3])])
-  got = jax.vmap(jax.grad(lambda z: gla._log_sigmoid_scaled(z, 16.0)))(z)
+  got = jax.vmap(jax.grad(lambda z: gla_layer.log_sigmoid_scaled(z, 16.0)))(z)
   want = jax.nn.sigmoid(-z) / 16.0
   np.testing.assert_allclose(got, want, rtol=2e-6, atol=0)
   assert np.all(np.isfinite(got))
@@ -152,7 +154,7 @@ def test_dig_block_keeps_no_recomputable_pieces():
                        gla_backend="reference", rngs=nnx.Rngs(0))
   x = jnp.ones((3, 8, 8, 384), jnp.bfloat16)
   c = jnp.ones((3, 384), jnp.bfloat16)
-  with mock.patch.object(gla, "chunk_gla_packed", _kernel_like_chunk_gla_packed):
+  with mock.patch.object(gla_api, "chunk_gla_packed", _kernel_like_chunk_gla_packed):
     rows = saved_residual_bytes(block, x, c, tokens=3 * 64)
   text = "\n".join(f"{b:8.0f} {d}" for b, d in rows)
   for where in ("gated_norm", "swiglu_product", "'log_sigmoid'"):

@@ -1,14 +1,11 @@
 """The Gated Linear Attention token mixer of DiG (fla's GLA layer with DiG's settings)."""
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kernels_pallas.gated_norm import gated_norm_linear
-from kernels_pallas.gla import chunk_gla_packed
+from kernels_pallas.gla.layer import gla_layer
 
 HEAD_KEY_DIM = 32  # key_dim = D/2 and value_dim = D, so every DiG size has d_k 32, d_v 64
 # xavier_uniform with gain 2 ** -2.5 (variance scale = gain ** 2), as the reference initialises GLA
@@ -47,23 +44,17 @@ class GatedLinearAttention(nnx.Module):
 
   def __call__(self, x, *, reverse: bool = False):
     """x: [N, T, D] tokens in this layer's scan order; `reverse` scans from the last token."""
-    n, t, _ = x.shape
-    heads = self.num_heads
     y = self._input_projections(x)  # [q | k | v | output gate | low-rank gate input]
-    qkv_width = 2 * self.key_dim + self.value_dim
-    # Forget gate in log space, fp32: log(sigmoid(.) ** (1/16)), always <= 0.
-    gk = self.gk_up(y[..., qkv_width + self.value_dim:]).astype(jnp.float32)
-    gk = _log_sigmoid_scaled(gk.reshape(n, t, heads, -1), self.gate_logit_normalizer)
-    # The kernels read q, k and v in place from y (no copies sliced out of it).
-    o, _ = chunk_gla_packed(y, gk, value_dim=self.value_dim // heads, reverse=reverse,
-                            backend=self.backend, interpret=self.interpret)
-    # o_proj(RMSNorm_per_head(o) * scale * swish(output gate)), the gate read from y: the
-    # backward keeps only o and y (both kept anyway: y holds q, k, v for the GLA backward) and
-    # remakes the gated output in its one elementwise pass.
-    kernel = self.o_proj.kernel[...]
-    return gated_norm_linear(o, y, self.o_norm_scale[...], kernel.astype(o.dtype),
-                             gate_offset=qkv_width, backend=self.output_backend,
-                             interpret=self.interpret)
+    # The forget gate (log(sigmoid(gk_up(.)) ** (1/16)) in float32, always <= 0), the GLA
+    # kernels reading q, k and v in place from y, and o_proj(RMSNorm_per_head(o) * scale *
+    # swish(output gate)), the backward keeping only y, the gate and o (`gla_layer`).
+    return gla_layer(y, self.gk_up.kernel[...], self.gk_up.bias[...], self.o_norm_scale[...],
+                     self.o_proj.kernel[...], heads=self.num_heads,
+                     key_dim=self.key_dim // self.num_heads,
+                     value_dim=self.value_dim // self.num_heads,
+                     gate_normalizer=self.gate_logit_normalizer, reverse=reverse,
+                     backend=self.backend, output_backend=self.output_backend,
+                     interpret=self.interpret)
 
   def _input_projections(self, x):
     """q, k, v (heads in order, `chunk_gla_packed`'s layout), the output gate and the
@@ -74,25 +65,3 @@ class GatedLinearAttention(nnx.Module):
     kernel = jnp.concatenate([layer.kernel[...] for layer in layers], axis=1)
     dtype = self.q_proj.dtype or jnp.result_type(x, kernel)  # as nnx.Linear promotes
     return jnp.dot(x.astype(dtype), kernel.astype(dtype), precision=self.q_proj.precision)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _log_sigmoid_scaled(z, normalizer: float):
-  """log_sigmoid(z) / normalizer. Its backward needs only the output, which the GLA kernel
-  keeps anyway (d/dz log_sigmoid(z) = 1 - sigmoid(z) = -expm1(log_sigmoid(z))), so z itself
-  is not kept for the backward."""
-  return jax.nn.log_sigmoid(z) / normalizer
-
-
-def _log_sigmoid_scaled_fwd(z, normalizer):
-  # The barrier keeps XLA from folding `out * normalizer` in the backward back into the
-  # forward's log_sigmoid(z) and storing that as a second float32 array.
-  out = jax.lax.optimization_barrier(_log_sigmoid_scaled(z, normalizer))
-  return out, out
-
-
-def _log_sigmoid_scaled_bwd(normalizer, out, g):
-  return (g / normalizer * -jnp.expm1(out * normalizer),)
-
-
-_log_sigmoid_scaled.defvjp(_log_sigmoid_scaled_fwd, _log_sigmoid_scaled_bwd)

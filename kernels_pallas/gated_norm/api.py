@@ -45,10 +45,10 @@ def gated_norm_linear(o, y, scale, kernel, *, gate_offset: int, eps: float = 1e-
     raise ValueError(f"gated_norm_linear: scale must be [{vh}] and kernel [{heads * vh}, D] for "
                      f"o {o.shape}, got {scale.shape} and {kernel.shape}")
   return _gated_norm_linear(o, y, scale, kernel, gate_offset, eps,
-                            _choose(backend, o, gate_offset), interpret)
+                            choose_backend(backend, o, gate_offset), interpret)
 
 
-def _choose(backend: str, o, gate_offset: int) -> str:
+def choose_backend(backend: str, o, gate_offset: int) -> str:
   """The backend that runs: `resolve_backend`'s, or the reference when "auto" picked the kernel
   but each device's share of the rows (under the trainer's mesh) does not suit its blocks."""
   chosen = resolve_backend(backend, o, gate_offset)

@@ -52,26 +52,31 @@ def _bwd_kernel(o_ref, z_ref, du_ref, scale_ref, do_ref, dz_ref, u_ref, share_re
       do_ref.dtype)
 
 
-def gated_norm_backward(o, y, du, scale, *, gate_offset, eps, interpret=False):
+def gated_norm_backward(o, y, du, scale, *, gate_offset, eps, dz_in_y_layout=False,
+                        interpret=False):
   """(do, dz, dscale, u) as reference.gated_norm_backward, for o [..., H, Vh], the gate
-  z = y[..., gate_offset : gate_offset + H * Vh] read in place, du [..., H * Vh]."""
+  z = y[..., gate_offset : gate_offset + H * Vh] read in place, du [..., H * Vh].
+
+  dz_in_y_layout: dz is returned as [..., W] like y, written only in the gate's columns (the
+  others are left unwritten, for a later kernel to fill: `kernels_pallas.gla.layer`)."""
   heads, vh = o.shape[-2:]
   m = o.size // (heads * vh)
   bm = block_rows(m)
   gate_block = gate_offset // vh
   head_block = pl.BlockSpec((bm, vh), lambda r, h: (r, h))
+  gate_spec = pl.BlockSpec((bm, vh), lambda r, h: (r, gate_block + h))
   rows, share_shape = (m, heads * vh), (m // bm, heads * vh)
+  dz_spec, dz_rows = (gate_spec, (m, y.shape[-1])) if dz_in_y_layout else (head_block, rows)
   do, dz, u, shares = pl.pallas_call(
       lambda *refs: _bwd_kernel(*refs, eps=eps), grid=(m // bm, heads),
-      in_specs=[head_block, pl.BlockSpec((bm, vh), lambda r, h: (r, gate_block + h)),
-                head_block, pl.BlockSpec((1, vh), lambda r, h: (0, 0))],
-      out_specs=[head_block, head_block, head_block,
-                 pl.BlockSpec((1, vh), lambda r, h: (r, h))],
-      out_shape=[jax.ShapeDtypeStruct(rows, o.dtype), jax.ShapeDtypeStruct(rows, y.dtype),
+      in_specs=[head_block, gate_spec, head_block, pl.BlockSpec((1, vh), lambda r, h: (0, 0))],
+      out_specs=[head_block, dz_spec, head_block, pl.BlockSpec((1, vh), lambda r, h: (r, h))],
+      out_shape=[jax.ShapeDtypeStruct(rows, o.dtype), jax.ShapeDtypeStruct(dz_rows, y.dtype),
                  jax.ShapeDtypeStruct(rows, o.dtype), jax.ShapeDtypeStruct(share_shape, f32)],
       compiler_params=pltriton.CompilerParams(num_warps=NUM_WARPS, num_stages=1),
       interpret=interpret, name="gated_norm_bwd",
   )(o.reshape(m, heads * vh), y.reshape(m, y.shape[-1]), du.reshape(m, heads * vh),
     scale.astype(f32).reshape(1, vh))
   dscale = jnp.sum(shares.reshape(-1, vh), axis=0)
-  return do.reshape(o.shape), dz.reshape(du.shape), dscale, u.reshape(du.shape)
+  dz = dz.reshape(y.shape if dz_in_y_layout else du.shape)
+  return do.reshape(o.shape), dz, dscale, u.reshape(du.shape)

@@ -314,10 +314,10 @@ def v_tiles(programs, vd):
   return tiles
 
 
-def _call(kernel, grid, in_specs, out_specs, out_shape, name, interpret):
+def _call(kernel, grid, in_specs, out_specs, out_shape, name, interpret, aliases=None):
   return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs,
                         out_shape=out_shape, compiler_params=_compiler_params(name),
-                        interpret=interpret, name=name)
+                        input_output_aliases=aliases or {}, interpret=interpret, name=name)
 
 
 def _block_log_decays(lam):
@@ -453,31 +453,38 @@ def _chunk_states(k, v, g, s_in, *, chunk, n_chunks, size, reverse, diag, packed
 
 
 def backward(q, k, v, g, do, residuals, dht, dg0, *, scale, reverse, packed_vd=None,
-             interpret=False):
+             into=None, interpret=False):
   """Returns (dq, dk, dv, dg, dh0); with `packed_vd` (as in `forward`): (dqkv, dg, dh0), dqkv
   [B, T, H * (2K + V)] in the packed layout, written by the kernel (no concatenation).
+  into (packed only): a [B, T, W >= H * (2K + V)] array the kernel writes dq, dk and dv into
+  (aliased, no copy; its other columns keep their values), returned as dqkv.
   dg0 = sum_V(ht * dht) is recomputed per block from the residuals (it is the last block's
   carry) and not used."""
   del dg0
+  if into is not None and packed_vd is None:
+    raise ValueError("gla backward: `into` needs the packed layout (packed_vd)")
   *residuals, marker = residuals
   size, chunk, diag, stored, _ = marker.shape
-  return _backward(q, k, v, g, do, tuple(residuals), dht, scale=scale, reverse=reverse,
+  return _backward(q, k, v, g, do, tuple(residuals), dht, into, scale=scale, reverse=reverse,
                    chunk=chunk, size=size, diag=diag, store=stored == 2,
                    packed=_packed(g, packed_vd), interpret=interpret,
                    tuning=_tuning())
 
 
-def _packed_bwd_kernel(*refs, heads, kd, vd, **kw):
+def _packed_bwd_kernel(*refs, heads, kd, vd, into, **kw):
   """`_bwd_kernel` writing dq, dk and dv into their columns of one packed gradient (every
-  program of a batch row shares that row's block; each writes only its head's columns)."""
+  program of a batch row shares that row's block; each writes only its head's columns).
+  into: the last input is the aliased gradient buffer (written through the output ref)."""
   *ins, dqkv_ref, dg_ref, ds_in_ref = refs
+  if into:
+    ins = ins[:-1]
   i = pl.program_id(1)
   cols = (i * kd, (heads + i) * kd, 2 * heads * kd + i * vd)
   _bwd_kernel(*ins, dqkv_ref, dqkv_ref, dqkv_ref, dg_ref, ds_in_ref, grad_cols=cols, **kw)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _backward(q, k, v, g, do, residuals, dht, *, scale, reverse, chunk, size, diag, store,
+def _backward(q, k, v, g, do, residuals, dht, into, *, scale, reverse, chunk, size, diag, store,
               packed, interpret, tuning):
   del tuning  # a cache key only (`_tuning`)
   states, s_out, lam = residuals  # states: entering each chunk if stored, else each block
@@ -497,11 +504,15 @@ def _backward(q, k, v, g, do, residuals, dht, *, scale, reverse, chunk, size, di
     w_local = _bwd_block_states(q, g, do, **common, packed=packed, interpret=interpret)
     ds_out = _dstates_leaving(w_local, lam, dht)
   dgc = jnp.sum(s_out * ds_out, axis=-1)[:, :, :, None, :]  # dg carry at each block's end
+  extra_in, aliases = (), {}
   if packed:
-    kernel = functools.partial(_packed_bwd_kernel, heads=h, kd=kd, vd=vd, **common)
-    width = h * (2 * kd + vd)
+    kernel = functools.partial(_packed_bwd_kernel, heads=h, kd=kd, vd=vd,
+                               into=into is not None, **common)
+    width = h * (2 * kd + vd) if into is None else into.shape[-1]
     grad_specs = [pl.BlockSpec((None, t, width), lambda b, i, j: (b, 0, 0))]
     grad_shapes = [jax.ShapeDtypeStruct((b, t, width), v.dtype)]
+    if into is not None:
+      extra_in, aliases = (into,), {8: 0}  # inputs: q k v g do states ds_out dgc into
   else:
     kernel = functools.partial(_bwd_kernel, **common)
     grad_specs = [qk, qk, vs]
@@ -510,9 +521,9 @@ def _backward(q, k, v, g, do, residuals, dht, *, scale, reverse, chunk, size, di
       kernel, (b, h, nb),
       [*_qkv_specs(t, kd, vd, packed), qk, vs,
        pl.BlockSpec((None, None, n_chunks, kd, vd), lambda b, h, j: (b, h, 0, 0, 0)),
-       _block_spec(kd, vd), _block_spec(1, kd)],
+       _block_spec(kd, vd), _block_spec(1, kd), *grad_specs[:len(extra_in)]],
       [*grad_specs, qk, _block_spec(kd, vd)],
       [*grad_shapes, jax.ShapeDtypeStruct(g.shape, f32),
-       jax.ShapeDtypeStruct((b, h, nb, kd, vd), f32)], "gla_bwd", interpret,
-  )(q, k, v, g, do, states, ds_out, dgc)
+       jax.ShapeDtypeStruct((b, h, nb, kd, vd), f32)], "gla_bwd", interpret, aliases,
+  )(q, k, v, g, do, states, ds_out, dgc, *extra_in)
   return (*grads, dg, ds_in[:, :, 0])
