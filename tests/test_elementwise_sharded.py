@@ -1,6 +1,6 @@
-"""The one-pass backward kernels (SwiGLU, GLA's gated output, the GLA layer's one VJP) run per batch shard on 8 fake
-devices inside a sharded jit, and match one device (tests/sharded_elementwise_check.py, one
-subprocess for both)."""
+"""The one-pass backward kernels (SwiGLU, GLA's gated output, the GLA layer's one VJP) run per
+batch shard on 8 fake devices inside a sharded jit, and match one device
+(tests/sharded_elementwise_check.py, one subprocess for all)."""
 from conftest import run_on_8_devices
 
 
