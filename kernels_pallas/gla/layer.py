@@ -149,7 +149,8 @@ log_sigmoid_scaled.defvjp(_log_sigmoid_scaled_fwd, _log_sigmoid_scaled_bwd)
 
 
 def _gate_backward(y, gate_kernel, g, dg, layout):
-  """(dr, d gate_kernel, d gate_bias) from dL/dg, for g = log_sigmoid(pre) / normalizer."""
+  """(dr, d gate_kernel, d gate_bias in float32) from dL/dg, for g = log_sigmoid(pre) /
+  normalizer."""
   dpre = _log_sigmoid_scaled_grad(g, dg, layout.normalizer)
   dpre = dpre.reshape(*y.shape[:2], -1).astype(y.dtype)
   r = y[..., layout.low_rank_offset:]
@@ -157,7 +158,7 @@ def _gate_backward(y, gate_kernel, g, dg, layout):
   dr = jnp.dot(dpre, gate_kernel.astype(y.dtype).T)
   dkernel = jnp.dot(rows(r).T, rows(dpre), preferred_element_type=f32)
   dbias = jnp.sum(rows(dpre).astype(f32), axis=0)
-  return dr, dkernel.astype(gate_kernel.dtype), dbias.astype(gate_kernel.dtype)
+  return dr, dkernel.astype(gate_kernel.dtype), dbias
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
@@ -167,7 +168,8 @@ def _fused(y, gate_kernel, gate_bias, norm_scale, out_kernel, layout, interpret)
 
 def _fused_fwd(y, gate_kernel, gate_bias, norm_scale, out_kernel, layout, interpret):
   n = y.shape[0]
-  g = jax.nn.log_sigmoid(_gate_preactivation(y, gate_kernel, gate_bias, layout)) / layout.normalizer
+  g = log_sigmoid_scaled(_gate_preactivation(y, gate_kernel, gate_bias, layout),
+                         layout.normalizer)
   h0 = jnp.zeros((n, layout.heads, layout.key_dim, layout.value_dim), f32)
   o, _, states = gla_gpu.forward(y, y, y, g, h0, scale=layout.key_dim ** -0.5,
                                  reverse=layout.reverse, packed_vd=layout.value_dim,
@@ -175,14 +177,14 @@ def _fused_fwd(y, gate_kernel, gate_bias, norm_scale, out_kernel, layout, interp
   z = gated_norm_ref.gate_columns(y, layout.gate_offset, layout.heads * layout.value_dim)
   w = out_kernel.astype(y.dtype)
   out = jnp.dot(gated_norm_ref.gated_norm(o, z, norm_scale, layout.eps), w)
-  return out, (y, g, states, o, gate_kernel, norm_scale, out_kernel)
+  return out, (y, g, states, o, gate_kernel, gate_bias, norm_scale, out_kernel)
 
 
 def _fused_bwd(layout, interpret, residuals, dout):
   # The barrier ties the residuals to the cotangent, so no backward work that needs only
   # residuals (the GLA kernel's recomputed chunk states) is scheduled during the forward.
   residuals, dout = jax.lax.optimization_barrier((residuals, dout))
-  y, g, states, o, gate_kernel, norm_scale, out_kernel = residuals
+  y, g, states, o, gate_kernel, gate_bias, norm_scale, out_kernel = residuals
   rows = lambda x: x.reshape(-1, x.shape[-1])
   w = out_kernel.astype(y.dtype)
   du = jnp.dot(dout, w.T).astype(o.dtype)
@@ -201,7 +203,7 @@ def _fused_bwd(layout, interpret, residuals, dout):
   dr, dgate_kernel, dgate_bias = _gate_backward(y, gate_kernel, g, dg, layout)
   dy = jax.lax.dynamic_update_slice_in_dim(dy, dr.astype(dy.dtype), layout.low_rank_offset,
                                            axis=2)
-  return (dy, dgate_kernel, dgate_bias, dscale.astype(norm_scale.dtype),
+  return (dy, dgate_kernel, dgate_bias.astype(gate_bias.dtype), dscale.astype(norm_scale.dtype),
           dout_kernel.astype(out_kernel.dtype))
 
 

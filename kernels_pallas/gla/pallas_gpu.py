@@ -504,26 +504,28 @@ def _backward(q, k, v, g, do, residuals, dht, into, *, scale, reverse, chunk, si
     w_local = _bwd_block_states(q, g, do, **common, packed=packed, interpret=interpret)
     ds_out = _dstates_leaving(w_local, lam, dht)
   dgc = jnp.sum(s_out * ds_out, axis=-1)[:, :, :, None, :]  # dg carry at each block's end
-  extra_in, aliases = (), {}
   if packed:
     kernel = functools.partial(_packed_bwd_kernel, heads=h, kd=kd, vd=vd,
                                into=into is not None, **common)
     width = h * (2 * kd + vd) if into is None else into.shape[-1]
     grad_specs = [pl.BlockSpec((None, t, width), lambda b, i, j: (b, 0, 0))]
-    grad_shapes = [jax.ShapeDtypeStruct((b, t, width), v.dtype)]
-    if into is not None:
-      extra_in, aliases = (into,), {8: 0}  # inputs: q k v g do states ds_out dgc into
+    grad_shapes = [jax.ShapeDtypeStruct((b, t, width), v.dtype if into is None else into.dtype)]
   else:
     kernel = functools.partial(_bwd_kernel, **common)
     grad_specs = [qk, qk, vs]
     grad_shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v)]
+  inputs = [q, k, v, g, do, states, ds_out, dgc]
+  in_specs = [*_qkv_specs(t, kd, vd, packed), qk, vs,
+              pl.BlockSpec((None, None, n_chunks, kd, vd), lambda b, h, j: (b, h, 0, 0, 0)),
+              _block_spec(kd, vd), _block_spec(1, kd)]
+  aliases = {}
+  if into is not None:  # the last input, written in place as the packed gradient (output 0)
+    inputs.append(into)
+    in_specs.append(grad_specs[0])
+    aliases = {len(inputs) - 1: 0}
   *grads, dg, ds_in = _call(
-      kernel, (b, h, nb),
-      [*_qkv_specs(t, kd, vd, packed), qk, vs,
-       pl.BlockSpec((None, None, n_chunks, kd, vd), lambda b, h, j: (b, h, 0, 0, 0)),
-       _block_spec(kd, vd), _block_spec(1, kd), *grad_specs[:len(extra_in)]],
-      [*grad_specs, qk, _block_spec(kd, vd)],
+      kernel, (b, h, nb), in_specs, [*grad_specs, qk, _block_spec(kd, vd)],
       [*grad_shapes, jax.ShapeDtypeStruct(g.shape, f32),
        jax.ShapeDtypeStruct((b, h, nb, kd, vd), f32)], "gla_bwd", interpret, aliases,
-  )(q, k, v, g, do, states, ds_out, dgc, *extra_in)
+  )(*inputs)
   return (*grads, dg, ds_in[:, :, 0])
