@@ -89,7 +89,8 @@ def test_gpu_residuals_keep_block_states_only_when_recomputing(monkeypatch, reco
       lambda *a: pallas_gpu.forward(*a, scale=0.1, reverse=False),
       spec((b, t, h, kd)), spec((b, t, h, kd)), spec((b, t, h, vd)),
       spec((b, t, h, kd), jnp.float32), spec((b, h, kd, vd), jnp.float32))
-  assert residuals[0].shape == (b, h, 16 if per_chunk else 4, kd, vd)
+  # per chunk [B, H, NC, K, V]; per block [B, H, K, NB, V] (blocks beside V)
+  assert residuals[0].shape == ((b, h, 16, kd, vd) if per_chunk else (b, h, kd, 4, vd))
 
 
 # The GPU kernel's default scheme (chunk_math diag=16) keeps gates >= -10 per step; the exact
@@ -200,6 +201,20 @@ def test_forward_and_backward_lower(backend, platform, dtype, reverse):
   text = lowered.as_text()
   marker = "tpu_custom_call" if platform == "tpu" else "triton"
   assert text.count(marker) >= 2, "expected a forward and a backward kernel"
+
+
+@pytest.mark.parametrize("n_chunks,sequences,expected", [
+    (16, 384, 16),    # DiG-S/2 256 px, batch 64: one block (no state passes) whatever the waves
+    (784, 6, 13),     # 1792 px, batch 1: 294 programs of 16 = 2 waves (32 steps); 366 of 13: 26
+    (1024, 6, 16),    # 2048 px, batch 1: 64 blocks already; 12 would take 24 steps but 86 blocks
+    (576, 6, 14),     # 1536 px: 42 blocks of 14 = 252 programs, one wave of 14 steps
+    (64, 96, 13),     # 512 px, batch 16: 480 programs of 13, 2 waves (26); of 16: 2 waves (32)
+    (1024, 16, 16),   # XL/2 2048 px: 1024 programs of 16 = 4 waves (64); of 13: 5 waves (65)
+    (2048 * 16, 1, 256),  # 128 blocks at most: the base doubles to 256; 128 programs of 256
+])
+def test_block_size_fills_the_last_wave_of_backward_programs(n_chunks, sequences, expected):
+  """Worked by hand with 264 program slots (an H100: 132 SMs x 2 backward programs)."""
+  assert pallas_gpu.block_chunks_for(n_chunks, sequences, slots=264) == expected
 
 
 def test_gpu_sequence_blocks_lower():

@@ -81,6 +81,9 @@ NUM_WARPS = 4  # warps per program: an int, or {kernel name or "default": warps}
 NUM_STAGES = 3
 # Chunks per sequence block; None: `block_chunks_for` below. Tests set it to force many blocks.
 BLOCK_CHUNKS = None
+# Backward-walk programs (`gla_bwd`: 255 registers x 4 warps) an SM runs at once (ncu on an
+# H100); `block_chunks_for` sizes blocks so that their last wave is not mostly idle.
+BWD_PROGRAMS_PER_SM = 2
 # True: the backward recomputes the state entering each chunk from the state entering each
 # block (one light pass over k, v, g) instead of keeping them from the forward: the residuals
 # per token and head shrink by 4 K V / C bytes (15/16 of it with 16-chunk blocks; 0.6 GB for
@@ -118,18 +121,41 @@ OPS = chunk_math.Ops(cumsum=_cumsum, segsum=_segsum,
                      sum_precision=jax.lax.Precision.DEFAULT)  # TF32 in Triton
 
 
-def block_chunks_for(n_chunks, chunk=CHUNK):
-  """Chunks per sequence block (a power of two). 256 tokens by measurement on an H100
-  (BENCHMARKS.md); longer blocks when there would be more than 128 blocks, so that the
-  XLA pass over blocks (quadratic in their number) stays small."""
-  size = max(1, 256 // chunk)
-  while -(-n_chunks // size) > 128:
-    size *= 2
-  return size
+def block_chunks_for(n_chunks, sequences, chunk=CHUNK, slots=None):
+  """Chunks per sequence block for `sequences` (batch x heads) sequences of `n_chunks` chunks.
+
+  Base size: 256 tokens (one block, so no state passes, up to 256 tokens), doubled while there
+  would be more than 128 blocks (the XLA pass over blocks is quadratic in their number). Past
+  one block, the size is the one in [3/4 base, base] (and at most 64 blocks, or base's count)
+  that minimises waves x chunks per program: the backward walk runs `slots` programs at a time
+  (BWD_PROGRAMS_PER_SM per SM), each as long as its chunks, so 294 programs of 16 chunks on 264
+  slots take two full waves (32 chunk steps) where 366 of 13 take 26. Measured on an H100 (BENCHMARKS.md): 6-8 % off fwd+bwd at
+  DiG-S/2's 1024-2048 px shapes; smaller blocks than 3/4 base lost to the longer XLA pass."""
+  base = max(1, 256 // chunk)
+  while -(-n_chunks // base) > 128:
+    base *= 2
+  if n_chunks <= base:
+    return base
+  slots = slots or BWD_PROGRAMS_PER_SM * _sm_count()
+
+  def chunk_steps(size):
+    return -(-sequences * -(-n_chunks // size) // slots) * size
+
+  most = max(64, -(-n_chunks // base))  # more blocks: the XLA pass costs what the waves save
+  sizes = [s for s in range(base, -(-3 * base // 4) - 1, -1) if -(-n_chunks // s) <= most]
+  return min(sizes, key=chunk_steps)  # ties: the larger
 
 
-def _blocks(n_chunks, block_chunks, chunk):
-  size = block_chunks or BLOCK_CHUNKS or block_chunks_for(n_chunks, chunk)
+def _sm_count():
+  """SMs of the first GPU; an H100's 132 where there is none (lowering for CUDA on a CPU)."""
+  try:
+    return getattr(jax.devices("gpu")[0], "core_count", None) or 132
+  except RuntimeError:
+    return 132
+
+
+def _blocks(n_chunks, sequences, block_chunks, chunk):
+  size = block_chunks or BLOCK_CHUNKS or block_chunks_for(n_chunks, sequences, chunk)
   size = max(1, min(size, n_chunks))
   return size, -(-n_chunks // size)
 
@@ -285,6 +311,11 @@ def _block_spec(d1, d2, nv=1):  # per-block [B, H, NB, d1, d2] arrays, one block
                       lambda b, h, j: (b, h, j // nv, 0, j % nv))
 
 
+def _state_spec(kd, vd, nv=1):  # per-block states [B, H, K, NB, V], one block each
+  return pl.BlockSpec((None, None, kd, None, vd // nv),
+                      lambda b, h, j: (b, h, 0, j // nv, j % nv))
+
+
 def _for_kernel(setting, name, default):
   """An int setting, or one given per kernel name as {name or "default": value}."""
   if isinstance(setting, dict):
@@ -320,34 +351,43 @@ def _call(kernel, grid, in_specs, out_specs, out_shape, name, interpret, aliases
                         input_output_aliases=aliases or {}, interpret=interpret, name=name)
 
 
+# Per-block states are kept as [B, H, K, NB, V] (blocks next to V): the passes over blocks
+# below are then batched matmuls over (B, H, K) with no transposes around them (with
+# [B, H, NB, K, V], XLA transposed both the states and the result: a third of the pass's time
+# at 1792 px in a DiG-S/2 step).
 def _block_log_decays(lam):
-  """Inclusive (Q) and exclusive (P) prefix sums over blocks of their log-decays [B,H,NB,K]."""
-  q = jnp.cumsum(lam[:, :, :, 0, :], axis=2)
-  return q, q - lam[:, :, :, 0, :]
+  """Inclusive (Q) and exclusive (P) prefix sums over blocks of their log-decays, [B, H, K, NB],
+  from lam [B, H, NB, 1, K]; the prefix sum as a float32 matmul with a triangle of ones (XLA's
+  cumsum over a short axis was an 8 us kernel)."""
+  lam = lam[:, :, :, 0, :]
+  nb = lam.shape[2]
+  ones = (jnp.arange(nb)[None, :] <= jnp.arange(nb)[:, None]).astype(lam.dtype)
+  q = jnp.einsum("nm,bhmk->bhkn", ones, lam, precision=_HIGHEST)
+  return q, q - lam.transpose(0, 1, 3, 2)
 
 
 def _states_entering(u, lam, h0):
   """S_in[n] = exp(P_n) h0 + sum_{m<n} exp(P_n - Q_m) U_m, every exponent <= 0."""
   q, p = _block_log_decays(lam)
-  nb = u.shape[2]
-  mask = (jnp.arange(nb)[None, :] < jnp.arange(nb)[:, None])[None, None, :, :, None]
-  w = jnp.where(mask, jnp.exp(jnp.where(mask, p[:, :, :, None] - q[:, :, None], 0.0)), 0.0)
-  return (jnp.einsum("bhnmk,bhmkv->bhnkv", w, u, precision=_HIGHEST)
-          + jnp.exp(p)[..., None] * h0[:, :, None])
+  nb = u.shape[3]
+  mask = jnp.arange(nb)[None, :] < jnp.arange(nb)[:, None]  # [n, m]: m < n
+  w = jnp.where(mask, jnp.exp(jnp.where(mask, p[..., :, None] - q[..., None, :], 0.0)), 0.0)
+  return (jnp.einsum("bhknm,bhkmv->bhknv", w, u, precision=_HIGHEST)
+          + jnp.exp(p)[..., None] * h0[:, :, :, None])
 
 
 def _dstates_leaving(w_local, lam, dht):
   """dS_out[n] = exp(Q_last - Q_n) dht + sum_{m>n} exp(P_m - Q_n) W_m, every exponent <= 0."""
   q, p = _block_log_decays(lam)
-  nb = w_local.shape[2]
-  mask = (jnp.arange(nb)[None, :] > jnp.arange(nb)[:, None])[None, None, :, :, None]
-  w = jnp.where(mask, jnp.exp(jnp.where(mask, p[:, :, None] - q[:, :, :, None], 0.0)), 0.0)
-  return (jnp.einsum("bhnmk,bhmkv->bhnkv", w, w_local, precision=_HIGHEST)
-          + jnp.exp(q[:, :, -1:] - q)[..., None] * dht[:, :, None])
+  nb = w_local.shape[3]
+  mask = jnp.arange(nb)[None, :] > jnp.arange(nb)[:, None]  # [n, m]: m > n
+  w = jnp.where(mask, jnp.exp(jnp.where(mask, p[..., None, :] - q[..., :, None], 0.0)), 0.0)
+  return (jnp.einsum("bhknm,bhkmv->bhknv", w, w_local, precision=_HIGHEST)
+          + jnp.exp(q[..., -1:] - q)[..., None] * dht[:, :, :, None])
 
 
 def _fwd_block_states(k, v, g, *, chunk, n_chunks, size, reverse, diag, packed, interpret):
-  """Each block's own state contribution [B, H, NB, K, V] and log-decay [B, H, NB, 1, K]."""
+  """Each block's own state contribution [B, H, K, NB, V] and log-decay [B, H, NB, 1, K]."""
   b, t, h, kd, vd = _dims(g, v, packed)
   nb = -(-n_chunks // size)
   f32 = jnp.float32
@@ -356,8 +396,8 @@ def _fwd_block_states(k, v, g, *, chunk, n_chunks, size, reverse, diag, packed, 
       functools.partial(_fwd_states_kernel, chunk=chunk, n_chunks=n_chunks, size=size,
                         reverse=reverse, diag=diag), (b, h, nb),
       [k_spec, v_spec, _seq_spec(t, kd)],
-      [_block_spec(kd, vd), _block_spec(1, kd)],
-      [jax.ShapeDtypeStruct((b, h, nb, kd, vd), f32),
+      [_state_spec(kd, vd), _block_spec(1, kd)],
+      [jax.ShapeDtypeStruct((b, h, kd, nb, vd), f32),
        jax.ShapeDtypeStruct((b, h, nb, 1, kd), f32)], "gla_fwd_states", interpret)(k, v, g)
 
 
@@ -371,7 +411,7 @@ def _bwd_block_states(q, g, do, *, chunk, n_chunks, size, scale, reverse, diag, 
       functools.partial(_bwd_states_kernel, chunk=chunk, n_chunks=n_chunks, size=size,
                         scale=scale, reverse=reverse, diag=diag), (b, h, nb),
       [q_spec, _seq_spec(t, kd), _seq_spec(t, vd)],
-      _block_spec(kd, vd), jax.ShapeDtypeStruct((b, h, nb, kd, vd), jnp.float32),
+      _state_spec(kd, vd), jax.ShapeDtypeStruct((b, h, kd, nb, vd), jnp.float32),
       "gla_bwd_states", interpret)(q, g, do)
 
 
@@ -385,7 +425,7 @@ def forward(q, k, v, g, h0, *, scale, reverse, chunk=None, diag=None, block_chun
   Returns (o, final state, residuals for `backward`).
   """
   chunk, diag = chunk or CHUNK, diag or DIAG
-  size, _ = _blocks(g.shape[1] // chunk, block_chunks, chunk)
+  size, _ = _blocks(g.shape[1] // chunk, g.shape[0] * g.shape[2], block_chunks, chunk)
   return _forward(q, k, v, g, h0, scale=scale, reverse=reverse, chunk=chunk, size=size,
                   diag=diag, store=not RECOMPUTE_STATES, packed=_packed(g, packed_vd),
                   interpret=interpret, tuning=_tuning())
@@ -408,21 +448,21 @@ def _forward(q, k, v, g, h0, *, scale, reverse, chunk, size, diag, store, packed
   common = dict(chunk=chunk, n_chunks=n_chunks, size=size, reverse=reverse, diag=diag)
   f32 = jnp.float32
   if nb == 1:
-    s_in, lam = h0[:, :, None], jnp.zeros((b, h, 1, 1, kd), f32)
+    s_in, lam = h0[:, :, :, None], jnp.zeros((b, h, 1, 1, kd), f32)
   else:
     u, lam = _fwd_block_states(k, v, g, **common, packed=packed, interpret=interpret)
     s_in = _states_entering(u, lam, h0)
   nv = v_tiles(b * h * nb, vd)
-  out_specs = [_seq_spec(t, vd, nv), _block_spec(kd, vd, nv)]
+  out_specs = [_seq_spec(t, vd, nv), _state_spec(kd, vd, nv)]
   out_shape = [jax.ShapeDtypeStruct((b, t, h, vd), v.dtype),
-               jax.ShapeDtypeStruct((b, h, nb, kd, vd), f32)]
+               jax.ShapeDtypeStruct((b, h, kd, nb, vd), f32)]
   if store:
     out_specs.append(_chunk_states_spec(n_chunks, kd, vd, nv))
     out_shape.append(jax.ShapeDtypeStruct((b, h, n_chunks, kd, vd), f32))
   q_spec, k_spec, v_spec = _qkv_specs(t, kd, vd, packed, nv)
   o, s_out, *states = _call(
       functools.partial(_fwd_kernel, nv=nv, scale=scale, **common), (b, h, nb * nv),
-      [q_spec, k_spec, v_spec, _seq_spec(t, kd), _block_spec(kd, vd, nv)], out_specs, out_shape,
+      [q_spec, k_spec, v_spec, _seq_spec(t, kd), _state_spec(kd, vd, nv)], out_specs, out_shape,
       "gla_fwd", interpret,
   )(q, k, v, g, s_in)
   # The block size, chunk, scheme and state keeping travel in the residuals' shapes (an empty
@@ -430,7 +470,7 @@ def _forward(q, k, v, g, h0, *, scale, reverse, chunk, size, diag, store, packed
   # module settings are when it is traced. Without stored states the residual is the state
   # entering each block (1 / size of them).
   marker = jnp.zeros((size, chunk, diag, 1 + store, 0), jnp.int8)
-  return o, s_out[:, :, -1], (states[0] if store else s_in, s_out, lam, marker)
+  return o, s_out[:, :, :, -1], (states[0] if store else s_in, s_out, lam, marker)
 
 
 def _chunk_states_spec(n_chunks, kd, vd, nv):  # [B, H, NC, K, V]: all chunks of a (b, h)
@@ -446,7 +486,7 @@ def _chunk_states(k, v, g, s_in, *, chunk, n_chunks, size, reverse, diag, packed
   return _call(
       functools.partial(_chunk_states_kernel, chunk=chunk, n_chunks=n_chunks, size=size, nv=nv,
                         reverse=reverse, diag=diag), (b, h, nb * nv),
-      [k_spec, v_spec, _seq_spec(t, kd), _block_spec(kd, vd, nv)],
+      [k_spec, v_spec, _seq_spec(t, kd), _state_spec(kd, vd, nv)],
       _chunk_states_spec(n_chunks, kd, vd, nv),
       jax.ShapeDtypeStruct((b, h, n_chunks, kd, vd), jnp.float32), "gla_chunk_states",
       interpret)(k, v, g, s_in)
@@ -499,11 +539,12 @@ def _backward(q, k, v, g, do, residuals, dht, into, *, scale, reverse, chunk, si
     states = _chunk_states(k, v, g, states, chunk=chunk, n_chunks=n_chunks, size=size,
                            reverse=reverse, diag=diag, packed=packed, interpret=interpret)
   if nb == 1:
-    ds_out = dht[:, :, None]
+    ds_out = dht[:, :, :, None]
   else:
     w_local = _bwd_block_states(q, g, do, **common, packed=packed, interpret=interpret)
     ds_out = _dstates_leaving(w_local, lam, dht)
-  dgc = jnp.sum(s_out * ds_out, axis=-1)[:, :, :, None, :]  # dg carry at each block's end
+  # dg carry at each block's end, [B, H, NB, 1, K]
+  dgc = jnp.sum(s_out * ds_out, axis=-1).transpose(0, 1, 3, 2)[:, :, :, None, :]
   if packed:
     kernel = functools.partial(_packed_bwd_kernel, heads=h, kd=kd, vd=vd,
                                into=into is not None, **common)
@@ -517,15 +558,15 @@ def _backward(q, k, v, g, do, residuals, dht, into, *, scale, reverse, chunk, si
   inputs = [q, k, v, g, do, states, ds_out, dgc]
   in_specs = [*_qkv_specs(t, kd, vd, packed), qk, vs,
               pl.BlockSpec((None, None, n_chunks, kd, vd), lambda b, h, j: (b, h, 0, 0, 0)),
-              _block_spec(kd, vd), _block_spec(1, kd)]
+              _state_spec(kd, vd), _block_spec(1, kd)]
   aliases = {}
   if into is not None:  # the last input, written in place as the packed gradient (output 0)
     inputs.append(into)
     in_specs.append(grad_specs[0])
     aliases = {len(inputs) - 1: 0}
   *grads, dg, ds_in = _call(
-      kernel, (b, h, nb), in_specs, [*grad_specs, qk, _block_spec(kd, vd)],
+      kernel, (b, h, nb), in_specs, [*grad_specs, qk, _state_spec(kd, vd)],
       [*grad_shapes, jax.ShapeDtypeStruct(g.shape, f32),
-       jax.ShapeDtypeStruct((b, h, nb, kd, vd), f32)], "gla_bwd", interpret, aliases,
+       jax.ShapeDtypeStruct((b, h, kd, nb, vd), f32)], "gla_bwd", interpret, aliases,
   )(*inputs)
-  return (*grads, dg, ds_in[:, :, 0])
+  return (*grads, dg, ds_in[:, :, :, 0])
