@@ -130,8 +130,9 @@ def block_chunks_for(n_chunks, sequences, chunk=CHUNK, slots=None):
   one block, the size is the one in [3/4 base, base] (and at most 64 blocks, or base's count)
   that minimises waves x chunks per program: the backward walk runs `slots` programs at a time
   (BWD_PROGRAMS_PER_SM per SM), each as long as its chunks, so 294 programs of 16 chunks on 264
-  slots take two full waves (32 chunk steps) where 366 of 13 take 26. Measured on an H100 (BENCHMARKS.md): 6-8 % off fwd+bwd at
-  DiG-S/2's 1024-2048 px shapes; smaller blocks than 3/4 base lost to the longer XLA pass."""
+  slots take two full waves (32 chunk steps) where 366 of 13 take 26. Measured on an H100
+  (BENCHMARKS.md): a DiG-S/2 training step -5 % at 1792 px, -2 % at 512 px, -1 % at 1024 px;
+  blocks below 3/4 base, or more than 64 of them, lost to the longer XLA pass over blocks."""
   base = max(1, 256 // chunk)
   while -(-n_chunks // base) > 128:
     base *= 2
