@@ -72,10 +72,17 @@ def swapped(module, old):
 
 
 def config(model: str, px: int, batch: int, *, steps: int, impl: str, depth: int | None) -> dict:
-  """A `dig_jax.bench` training configuration (bf16 compute, its default optimizer)."""
-  return dict(model=model, px=px, batch=batch, impl=impl, steps=steps, mode="train",
-              conv_backend="auto", elementwise_backend="auto", optimizer_layout="auto",
-              warmup=3, depth=depth, hidden_size=None, dtype="bfloat16", remat="none")
+  """The `dig_jax.bench` training configuration its own command line would make."""
+  from dig_jax import bench
+  dig = model.startswith("DiG")
+  if impl == "auto" and not dig:
+    impl = "cudnn"
+  argv = ["--models", model, "--resolutions", str(px), "--batch", str(batch), "--steps",
+          str(steps), "--gla_backend" if dig else "--dit_attention", impl]
+  if depth:
+    argv += ["--depth", str(depth)]
+  (cfg,) = bench.make_configs(bench.build_parser().parse_args(argv))
+  return cfg
 
 
 def run_case(cfg: dict, module, old, rounds: int) -> dict:

@@ -209,7 +209,7 @@ def test_forward_and_backward_lower(backend, platform, dtype, reverse):
     (1024, 6, 16),    # 2048 px, batch 1: 64 blocks already; 12 would take 24 steps but 86 blocks
     (576, 6, 14),     # 1536 px: 42 blocks of 14 = 252 programs, one wave of 14 steps
     (64, 96, 13),     # 512 px, batch 16: 480 programs of 13, 2 waves (26); of 16: 2 waves (32)
-    (1024, 16, 16),   # XL/2 2048 px: 1024 programs of 16 = 4 waves (64); of 13: 5 waves (65)
+    (1024, 16, 16),   # XL/2 2048 px: 64 blocks already, so no smaller size (4 waves of 16)
     (2048 * 16, 1, 256),  # 128 blocks at most: the base doubles to 256; 128 programs of 256
 ])
 def test_block_size_fills_the_last_wave_of_backward_programs(n_chunks, sequences, expected):
