@@ -131,6 +131,88 @@ def test_lowers_for_cuda_with_one_gradient_buffer():
   assert not adds
 
 
+def _columns_first(x, grid):
+  """[N, h * w, C] raster tokens of an (h, w) grid -> column-major order (numpy, by index)."""
+  h, w = grid
+  order = np.arange(h * w).reshape(h, w).T.reshape(-1)  # raster index of each scanned token
+  return x[:, order]
+
+
+def _raster_from_columns(x, grid):
+  h, w = grid
+  order = np.arange(h * w).reshape(h, w).T.reshape(-1)
+  out = jnp.zeros_like(x)
+  return out.at[:, order].set(x)
+
+
+@pytest.mark.parametrize("backends", CASES)
+@pytest.mark.parametrize("grid,reverse,block_chunks", [
+    ((32, 3), False, None), ((16, 5), True, 1), ((48, 2), True, 2)])
+def test_column_scan_matches_plain_jnp_on_the_transposed_grid(monkeypatch, backends, grid,
+                                                              reverse, block_chunks):
+  """column_scan = (h, w): y in raster order, the scan down the columns. Reference: plain jnp
+  on the tokens gathered into column-major order by index, the output scattered back. The
+  GPU path reads the columns in place (strided chunks), across several sequence blocks."""
+  monkeypatch.setattr(pallas_gpu, "BLOCK_CHUNKS", block_chunks)
+  args, dout = _inputs(2, grid[0] * grid[1], seed=grid[1])
+  run = lambda *a: layer.gla_layer(*a, heads=H, key_dim=K, value_dim=V, reverse=reverse,
+                                   column_scan=grid, backend=backends[0],
+                                   output_backend=backends[1], interpret=True)
+
+  def want_fn(y, *rest):
+    out = plain_layer(_columns_first(y, grid), *rest, reverse=reverse)
+    return _raster_from_columns(out, grid)
+  with jax.default_matmul_precision("highest"):
+    out, grads = _value_and_grads(run, args, dout)
+    want_out, want_grads = _value_and_grads(want_fn, args, dout)
+  assert _rel_rms(out, want_out) < 1e-4
+  for name, got, want in zip(("y", "gate kernel", "gate bias", "scale", "out kernel"), grads,
+                             want_grads):
+    assert _rel_rms(got, want) < 1e-4, name
+
+
+def test_column_scan_is_read_in_place_only_where_columns_hold_whole_chunks():
+  y = jax.ShapeDtypeStruct((2, 96, W), jnp.bfloat16)
+  spec = dict(heads=H, key_dim=K, value_dim=V, backend="pallas_gpu", output_backend="pallas_gpu")
+  assert layer.reads_column_scan_in_place(y, column_scan=(32, 3), **spec)
+  assert not layer.reads_column_scan_in_place(y, column_scan=(24, 4), **spec)  # 24 % 16
+  assert not layer.reads_column_scan_in_place(y, column_scan=(32, 3), heads=H, key_dim=K,
+                                              value_dim=V)  # CPU: the references
+  with pytest.raises(ValueError, match=r"column_scan must be \(h, w\) with h \* w = T = 96"):
+    layer.gla_layer(jnp.ones((2, 96, W)), jnp.ones((R, H * K)), jnp.ones(H * K), jnp.ones(V),
+                    jnp.ones((H * V, 8)), heads=H, key_dim=K, value_dim=V, column_scan=(16, 5))
+  with pytest.raises(ValueError, match=r"column_scan=\(24, 4\) needs .* h a multiple of the "
+                                       r"chunk \(16\)"):
+    pallas_gpu.forward(*(jnp.ones((1, 96, 1, 16)),) * 4, jnp.zeros((1, 1, 16, 16)),
+                       scale=0.25, reverse=False, column_scan=(24, 4), interpret=True)
+
+
+def test_column_scan_lowers_for_cuda():
+  """The strided chunk slices of a column scan lower for CUDA, forward and backward."""
+  n, grid, heads, kd, vd, rank = 2, (32, 8), 6, 32, 64, 16
+  width = heads * (2 * kd + 2 * vd) + rank
+  args = (jnp.ones((n, grid[0] * grid[1], width), jnp.bfloat16), jnp.ones((rank, heads * kd)),
+          jnp.ones((heads * kd,)), jnp.ones((vd,)), jnp.ones((heads * vd, 384)))
+
+  def loss(*a):
+    return jnp.sum(layer.gla_layer(*a, heads=heads, key_dim=kd, value_dim=vd, reverse=True,
+                                   column_scan=grid, backend="pallas_gpu",
+                                   output_backend="pallas_gpu"))
+  old = pallas_gpu.BLOCK_CHUNKS
+  pallas_gpu.BLOCK_CHUNKS = 4  # several blocks: every kernel of the split runs
+  try:
+    text = jax.jit(jax.grad(loss, argnums=range(5))).trace(*args).lower(
+        lowering_platforms=("cuda",)).as_text()
+  finally:
+    pallas_gpu.BLOCK_CHUNKS = old
+  for name in ("gla_fwd_states", "gla_fwd", "gla_chunk_states", "gla_bwd_states", "gla_bwd"):
+    assert name in text, name
+  # the column order is read in place: no transposed copy of a [N, T, ...] array
+  jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=range(5)))(*args)
+  assert not [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "transpose"
+              and e.invars[0].aval.ndim >= 3]
+
+
 def test_dispatch_and_errors(monkeypatch):
   y = jnp.ones((2, 32, W))
   spec = dict(heads=H, key_dim=K, value_dim=V)

@@ -75,12 +75,13 @@ class DiGBlock(nnx.Module):
     self.conv_bias = nnx.Param(jnp.zeros((hidden,), jnp.float32))
 
   def _mix_tokens(self, x):
+    # A transposed layer scans the grid column by column: the GLA layer reads the raster
+    # tokens in that order (in place on GPUs), so no transposed copy is made here.
     transposed, reverse = layer_orientation(self.layer_index)
-    if transposed:
-      x = x.transpose(0, 2, 1, 3)
-    n, a, b, d = x.shape
-    y = self.attn(x.reshape(n, a * b, d), reverse=reverse).reshape(n, a, b, d)
-    return y.transpose(0, 2, 1, 3) if transposed else y
+    n, h, w, d = x.shape
+    y = self.attn(x.reshape(n, h * w, d), reverse=reverse,
+                  column_scan=(h, w) if transposed else None)
+    return y.reshape(n, h, w, d)
 
   def _depthwise_conv(self, x):
     kernel = orient_conv_kernel(self.conv_kernel[...], self.layer_index)

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kernels_pallas.gla.layer import gla_layer
+from kernels_pallas.gla.layer import gla_layer, reads_column_scan_in_place
 
 HEAD_KEY_DIM = 32  # key_dim = D/2 and value_dim = D, so every DiG size has d_k 32, d_v 64
 # xavier_uniform with gain 2 ** -2.5 (variance scale = gain ** 2), as the reference initialises GLA
@@ -42,8 +42,16 @@ class GatedLinearAttention(nnx.Module):
     self.o_norm_scale = nnx.Param(jnp.ones((self.value_dim // num_heads,), jnp.float32))
     self.o_proj = linear(self.value_dim, hidden)
 
-  def __call__(self, x, *, reverse: bool = False):
-    """x: [N, T, D] tokens in this layer's scan order; `reverse` scans from the last token."""
+  def __call__(self, x, *, reverse: bool = False, column_scan: tuple[int, int] | None = None):
+    """x: [N, T, D] tokens in scan order, or with column_scan = (h, w) in the raster order of an
+    h x w grid scanned column by column (the output in the same order); `reverse` scans from
+    the last token. The GPU kernels read a column scan in place; elsewhere x and the output
+    are transposed here (x is narrower than the projections)."""
+    if column_scan is not None and not self._reads_in_place(x, column_scan):
+      n, _, d = x.shape
+      h, w = column_scan
+      to_columns = lambda a, grid: a.reshape(n, *grid, d).transpose(0, 2, 1, 3).reshape(n, -1, d)
+      return to_columns(self(to_columns(x, (h, w)), reverse=reverse), (w, h))
     y = self._input_projections(x)  # [q | k | v | output gate | low-rank gate input]
     # The forget gate (log(sigmoid(gk_up(.)) ** (1/16)) in float32, always <= 0), the GLA
     # kernels reading q, k and v in place from y, and o_proj(RMSNorm_per_head(o) * scale *
@@ -53,15 +61,27 @@ class GatedLinearAttention(nnx.Module):
                      key_dim=self.key_dim // self.num_heads,
                      value_dim=self.value_dim // self.num_heads,
                      gate_normalizer=self.gate_logit_normalizer, reverse=reverse,
-                     backend=self.backend, output_backend=self.output_backend,
-                     interpret=self.interpret)
+                     column_scan=column_scan, backend=self.backend,
+                     output_backend=self.output_backend, interpret=self.interpret)
+
+  def _projection_layers(self):
+    return (self.q_proj, self.k_proj, self.v_proj, self.g_proj, self.gk_down)
+
+  def _reads_in_place(self, x, column_scan):
+    width = sum(layer.out_features for layer in self._projection_layers())
+    dtype = self.q_proj.dtype or jnp.result_type(x, self.q_proj.kernel[...])
+    y = jax.ShapeDtypeStruct((*x.shape[:2], width), dtype)
+    return reads_column_scan_in_place(
+        y, heads=self.num_heads, key_dim=self.key_dim // self.num_heads,
+        value_dim=self.value_dim // self.num_heads, column_scan=column_scan,
+        backend=self.backend, output_backend=self.output_backend)
 
   def _input_projections(self, x):
     """q, k, v (heads in order, `chunk_gla_packed`'s layout), the output gate and the
     low-rank forget-gate input, side by side: the five bias-free linears of x as one matmul
     (x is read once; the backward has one dx matmul, not five and a sum). The parameters stay
     five separate kernels, as in the reference."""
-    layers = (self.q_proj, self.k_proj, self.v_proj, self.g_proj, self.gk_down)
+    layers = self._projection_layers()
     kernel = jnp.concatenate([layer.kernel[...] for layer in layers], axis=1)
     dtype = self.q_proj.dtype or jnp.result_type(x, kernel)  # as nnx.Linear promotes
     return jnp.dot(x.astype(dtype), kernel.astype(dtype), precision=self.q_proj.precision)

@@ -3,10 +3,12 @@
 The reference model flips the token sequence after every block and transposes the token grid
 after every odd block, so layer 4k scans rows forward, 4k+1 rows backward, 4k+2 columns forward
 and 4k+3 columns backward. This project keeps activations in raster order on an [N, h, w, D]
-grid and gives each layer its orientation instead: the GLA scans backwards with `reverse=True`
-and the depthwise conv kernel is rotated/transposed to act on the grid as the reference's conv
-acts on its reoriented grid. The result is the reference function with no permutation copies,
-tokens in raster order at any depth, and any (h, w) grid.
+grid and gives each layer its orientation instead: the GLA scans backwards with `reverse=True`,
+column layers scan the grid column by column (`column_scan`: the GPU kernels read the raster
+tokens in that order in place; other backends transpose the layer's input and output), and
+the depthwise conv kernel is rotated/transposed to act on the grid as the reference's conv
+acts on its reoriented grid. The result is the reference function, tokens in raster order at
+any depth, and any (h, w) grid.
 """
 from __future__ import annotations
 

@@ -41,6 +41,7 @@ class Layout(NamedTuple):
   normalizer: float  # forget gate: log_sigmoid(.) / normalizer
   reverse: bool
   eps: float
+  column_scan: tuple[int, int] | None = None  # (h, w): the scan runs down the grid's columns
 
   @property
   def gate_offset(self):  # first column of z: after q, k, v
@@ -53,8 +54,8 @@ class Layout(NamedTuple):
 
 def gla_layer(y, gate_kernel, gate_bias, norm_scale, out_kernel, *, heads: int, key_dim: int,
               value_dim: int, gate_normalizer: float = 16.0, reverse: bool = False,
-              eps: float = 1e-6, backend: str = "auto", output_backend: str = "auto",
-              interpret: bool = False):
+              eps: float = 1e-6, column_scan: tuple[int, int] | None = None,
+              backend: str = "auto", output_backend: str = "auto", interpret: bool = False):
   """DiG's GLA layer after its input projection.
 
   Args:
@@ -63,11 +64,21 @@ def gla_layer(y, gate_kernel, gate_bias, norm_scale, out_kernel, *, heads: int, 
       dtype, as a linear layer with y's compute dtype; the log-decay in float32).
     norm_scale [V]: the per-head RMSNorm's scale; out_kernel [H V, D]: the output projection
       (in y's dtype).
+    column_scan: (h, w) with h * w = T: y's tokens are an h x w grid in raster order and GLA
+      scans them column by column (DiG's transposed layers); the output is in y's raster
+      order. The GPU path reads the tokens in that order in place (`reads_column_scan_in_place`);
+      others transpose y and the output.
     backend: chunk_gla's; output_backend: gated_norm_linear's. With both on the GPU kernels
       (and shapes they take) the layer's one-VJP backward runs; otherwise the composition.
   Returns [N, T, D] in y's dtype.
   """
-  layout = Layout(heads, key_dim, value_dim, float(gate_normalizer), bool(reverse), float(eps))
+  if column_scan is not None:
+    column_scan = tuple(int(n) for n in column_scan)
+    if len(column_scan) != 2 or column_scan[0] * column_scan[1] != y.shape[1]:
+      raise ValueError(f"gla_layer: column_scan must be (h, w) with h * w = T = {y.shape[1]}, "
+                       f"got {column_scan}")
+  layout = Layout(heads, key_dim, value_dim, float(gate_normalizer), bool(reverse), float(eps),
+                  column_scan)
   rank = y.shape[-1] - layout.low_rank_offset
   if y.ndim != 3 or rank < 1:
     raise ValueError(f"gla_layer: y must be [N, T, W] with W > {layout.low_rank_offset} (q, k, "
@@ -82,8 +93,31 @@ def gla_layer(y, gate_kernel, gate_bias, norm_scale, out_kernel, *, heads: int, 
     if mesh is not None:  # the whole layer per batch shard; weight gradients summed by shard_map
       run = batch_sharding.batch_sharded(run, mesh, (True,) + (False,) * 4, 1)
     return run(*args)[0]
-  return _composed(y, gate_kernel, gate_bias, norm_scale, out_kernel, layout, backend,
-                   output_backend, interpret)
+  if column_scan is None:
+    return _composed(y, gate_kernel, gate_bias, norm_scale, out_kernel, layout, backend,
+                     output_backend, interpret)
+  # Per-token pieces commute with the permutation: run the composition in scan order.
+  out = _composed(_transpose_grid(y, column_scan), gate_kernel, gate_bias, norm_scale,
+                  out_kernel, layout._replace(column_scan=None), backend, output_backend,
+                  interpret)
+  return _transpose_grid(out, column_scan[::-1])
+
+
+def _transpose_grid(x, grid):
+  """[N, h * w, C] tokens of an (h, w) raster grid -> the (w, h) grid's raster order."""
+  n, _, c = x.shape
+  return x.reshape(n, *grid, c).transpose(0, 2, 1, 3).reshape(n, -1, c)
+
+
+def reads_column_scan_in_place(y, *, heads: int, key_dim: int, value_dim: int,
+                               column_scan: tuple[int, int], backend: str = "auto",
+                               output_backend: str = "auto") -> bool:
+  """Whether `gla_layer(y, ..., column_scan=column_scan)` reads the column scan in place (the
+  GPU path, with whole chunks down each column) rather than transposing y and its output; a
+  caller that can transpose a narrower array before the input projection should do so when
+  this is False. y: an array or a ShapeDtypeStruct [N, T, W]."""
+  layout = Layout(heads, key_dim, value_dim, 16.0, False, 1e-6, tuple(column_scan))
+  return _one_vjp_applies(y, layout, backend, output_backend)
 
 
 def _one_vjp_applies(y, layout, backend, output_backend):
@@ -91,6 +125,8 @@ def _one_vjp_applies(y, layout, backend, output_backend):
   if gla_api.resolve_backend(backend, y) != "pallas_gpu":
     return False
   n, t = y.shape[:2]
+  if layout.column_scan is not None and not gla_gpu.column_scan_ok(layout.column_scan, t):
+    return False
   o_like = jax.ShapeDtypeStruct((n, t, layout.heads, layout.value_dim), y.dtype)
   g_like = jax.ShapeDtypeStruct((n, t, layout.heads, layout.key_dim), f32)
   packed_ok = gla_api._packed_kernel_takes(g_like, layout.heads, layout.key_dim,
@@ -173,7 +209,7 @@ def _fused_fwd(y, gate_kernel, gate_bias, norm_scale, out_kernel, layout, interp
   h0 = jnp.zeros((n, layout.heads, layout.key_dim, layout.value_dim), f32)
   o, _, states = gla_gpu.forward(y, y, y, g, h0, scale=layout.key_dim ** -0.5,
                                  reverse=layout.reverse, packed_vd=layout.value_dim,
-                                 interpret=interpret)
+                                 column_scan=layout.column_scan, interpret=interpret)
   z = gated_norm_ref.gate_columns(y, layout.gate_offset, layout.heads * layout.value_dim)
   w = out_kernel.astype(y.dtype)
   out = jnp.dot(gated_norm_ref.gated_norm(o, z, norm_scale, layout.eps), w)
@@ -198,7 +234,8 @@ def _fused_bwd(layout, interpret, residuals, dout):
   dht = jnp.zeros((n, layout.heads, layout.key_dim, layout.value_dim), f32)
   dy, dg, _ = gla_gpu.backward(y, y, y, g, do.astype(y.dtype), states, dht, None,
                                scale=layout.key_dim ** -0.5, reverse=layout.reverse,
-                               packed_vd=layout.value_dim, into=dy, interpret=interpret)
+                               packed_vd=layout.value_dim, column_scan=layout.column_scan,
+                               into=dy, interpret=interpret)
   # ... and dr in the last columns, in place.
   dr, dgate_kernel, dgate_bias = _gate_backward(y, gate_kernel, g, dg, layout)
   dy = jax.lax.dynamic_update_slice_in_dim(dy, dr.astype(dy.dtype), layout.low_rank_offset,

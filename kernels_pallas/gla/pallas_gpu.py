@@ -24,9 +24,10 @@ one program: at T = 4096 that left most SMs idle, BENCHMARKS.md).
 Forward, when there is more than one block:
 1. `gla_fwd_states`: each block's own contribution to the state (walking its L chunks from a
    zero state, no outputs) and its total log-decay.
-2. XLA: the state entering each block, S_in[n] = exp(P_n) h0 + sum_{m<n} exp(P_n - P_{m+1}) U_m
-   with P the exclusive prefix sum of block log-decays: one small masked batched matmul over
-   blocks (every exponent <= 0), no sequential loop.
+2. `gla_states_entering` (block_carry.py): the state entering each block, S_in[n] =
+   exp(P_n) h0 + sum_{m<n} exp(P_n - P_{m+1}) U_m with P the exclusive prefix sum of block
+   log-decays: one masked product over pairs of blocks per key row (every exponent <= 0), no
+   sequential loop.
 3. `gla_fwd`: outputs, from S_in, walking the block's chunks with chunk_math.forward (the
    intra-chunk scores: see "In-chunk scheme" below), and the state leaving the block. The
    backward needs the state entering every chunk: by default (RECOMPUTE_STATES) it recomputes
@@ -34,11 +35,12 @@ Forward, when there is more than one block:
    residuals hold S_in (1/L of the states) rather than 4 K V / C bytes per token; with
    RECOMPUTE_STATES = False `gla_fwd` stores them instead.
 Backward, likewise: `gla_bwd_states` (each block's queries' contribution to the gradient of the
-state entering it), XLA for the gradient of the state leaving each block (the same masked
-matmul, reversed), then `gla_bwd`, walking each block's chunks in reverse scan order with
-chunk_math.backward. The gate gradient's carry from later tokens needs no pass over the
-sequence: at a block's end it equals sum_V(S_leave * dS_leave) (state leaving the block times
-the gradient reaching it from later tokens; for the last block that is sum_V(ht * dht)).
+state entering it), `gla_dstates_leaving` for the gradient of the state leaving each block
+(the same masked product, reversed) and the gate's carry at each block's end, then `gla_bwd`,
+walking each block's chunks in reverse scan order with chunk_math.backward. The gate
+gradient's carry from later tokens needs no pass over the sequence: at a block's end it equals
+sum_V(S_leave * dS_leave) (state leaving the block times the gradient reaching it from later
+tokens; for the last block that is sum_V(ht * dht)).
 With one block (short sequences, or `block_chunks >= T / C`) steps 1-2 are skipped and this is
 the single-pass design of the first version.
 
@@ -58,7 +60,11 @@ head's blocks along the last axis, so nothing is sliced out of it; the backward 
 dq, dk and dv into one packed gradient, every program of a batch row writing its head's
 columns of the row's shared block. `reverse=True` only changes which chunk index a step
 reads and the direction of the in-chunk masks; blocks and per-block arrays are numbered in
-scan order.
+scan order. `column_scan=(h, w)` (DiG's column layers) likewise only changes which token rows
+a chunk reads: `chunk` tokens down one column of the raster grid, a slice with stride w.
+Measured on an H100 (BENCHMARKS.md): the same step time as transposing the activations around
+the layer (XLA had fused most of those copies into the neighbouring norms), so it is kept for
+the two copies per column layer it removes, not for speed.
 """
 from __future__ import annotations
 
@@ -69,7 +75,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from kernels_pallas.gla import chunk_math
+from kernels_pallas.gla import block_carry, chunk_math
 
 CHUNK = 16  # measured on H100: 16 beats 32, which beat 64 (BENCHMARKS.md)
 DIAG = 16  # chunk_math scheme: mid-anchored diagonal blocks of 16 rows (BENCHMARKS.md)
@@ -94,7 +100,6 @@ RECOMPUTE_STATES = True
 # The forward and chunk-state walks split V into tiles while batch x heads x blocks is below
 # this many programs (`v_tiles`).
 V_TILE_PROGRAMS = 128
-_HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def _seg_view(x, h):
@@ -162,19 +167,37 @@ def _blocks(n_chunks, sequences, block_chunks, chunk):
   return size, -(-n_chunks // size)
 
 
-class _Walk:
-  """Chunks of one sequence block: scan positions n0 .. n0 + count - 1."""
+def column_scan_ok(column_scan, t, chunk=CHUNK):
+  """Whether the kernels can scan T tokens column by column of an (h, w) raster grid: h * w = T
+  and whole chunks in each column (h a multiple of the chunk)."""
+  h, w = column_scan
+  return h * w == t and h % chunk == 0
 
-  def __init__(self, blk, n_chunks, size, chunk, reverse, diag):
+
+class _Walk:
+  """Chunks of one sequence block: scan positions n0 .. n0 + count - 1.
+
+  column_scan = (h, w): the tokens are stored as an h x w raster grid and scanned column by
+  column, so a chunk is `chunk` tokens down one column: a slice of the token axis with stride
+  w (h a multiple of the chunk). That is the transposed scan of DiG's layers 4k+2 and 4k+3,
+  read in place instead of from a transposed copy of the activations."""
+
+  def __init__(self, blk, n_chunks, size, chunk, reverse, diag, column_scan=None):
     self.n0 = blk * size
     self.count = jnp.minimum(size, n_chunks - self.n0)
     self.n_chunks, self.chunk, self.reverse = n_chunks, chunk, reverse
+    self.column_scan = column_scan
     self.floor = chunk_math.gate_floor(diag)
 
   def rows(self, n):
-    """Memory chunk index and rows of scan position n."""
+    """Memory chunk index (in scan order) and the token rows of scan position n."""
     idx = self.n_chunks - 1 - n if self.reverse else n
-    return idx, pl.ds(pl.multiple_of(idx * self.chunk, self.chunk), self.chunk)
+    if self.column_scan is None:
+      return idx, pl.ds(pl.multiple_of(idx * self.chunk, self.chunk), self.chunk)
+    h, w = self.column_scan
+    per_column = h // self.chunk
+    first_row = (idx % per_column) * self.chunk
+    return idx, pl.ds(first_row * w + idx // per_column, self.chunk, stride=w)
 
   def gates(self, g_ref, rows):
     """Log-gates of the rows, raised to the scheme's floor (chunk_math.gate_floor): done on
@@ -191,8 +214,8 @@ class _Walk:
 
 
 def _fwd_states_kernel(k_ref, v_ref, g_ref, u_ref, lam_ref, *, chunk, n_chunks, size,
-                       reverse, diag):
-  walk = _Walk(pl.program_id(2), n_chunks, size, chunk, reverse, diag)
+                       reverse, diag, column_scan):
+  walk = _Walk(pl.program_id(2), n_chunks, size, chunk, reverse, diag, column_scan)
 
   def step(n, carry):
     state, lam = carry
@@ -210,9 +233,9 @@ def _fwd_states_kernel(k_ref, v_ref, g_ref, u_ref, lam_ref, *, chunk, n_chunks, 
 
 
 def _fwd_kernel(q_ref, k_ref, v_ref, g_ref, s_in_ref, o_ref, s_out_ref, *states_ref, chunk,
-                n_chunks, size, nv, scale, reverse, diag):
+                n_chunks, size, nv, scale, reverse, diag, column_scan):
   """states_ref: optional output of the state entering every chunk (RECOMPUTE_STATES off)."""
-  walk = _Walk(pl.program_id(2) // nv, n_chunks, size, chunk, reverse, diag)
+  walk = _Walk(pl.program_id(2) // nv, n_chunks, size, chunk, reverse, diag, column_scan)
 
   def step(n, state):
     idx, rows = walk.rows(n)
@@ -228,9 +251,9 @@ def _fwd_kernel(q_ref, k_ref, v_ref, g_ref, s_in_ref, o_ref, s_out_ref, *states_
 
 
 def _chunk_states_kernel(k_ref, v_ref, g_ref, s_in_ref, states_ref, *, chunk, n_chunks, size,
-                         nv, reverse, diag):
+                         nv, reverse, diag, column_scan):
   """The state entering every chunk of a block, from the state entering the block."""
-  walk = _Walk(pl.program_id(2) // nv, n_chunks, size, chunk, reverse, diag)
+  walk = _Walk(pl.program_id(2) // nv, n_chunks, size, chunk, reverse, diag, column_scan)
 
   def step(n, state):
     idx, rows = walk.rows(n)
@@ -242,8 +265,8 @@ def _chunk_states_kernel(k_ref, v_ref, g_ref, s_in_ref, states_ref, *, chunk, n_
 
 
 def _bwd_states_kernel(q_ref, g_ref, do_ref, w_ref, *, chunk, n_chunks, size, scale, reverse,
-                       diag):
-  walk = _Walk(pl.program_id(2), n_chunks, size, chunk, reverse, diag)
+                       diag, column_scan):
+  walk = _Walk(pl.program_id(2), n_chunks, size, chunk, reverse, diag, column_scan)
 
   def step(n, dstate):
     _, rows = walk.rows(n)
@@ -255,9 +278,9 @@ def _bwd_states_kernel(q_ref, g_ref, do_ref, w_ref, *, chunk, n_chunks, size, sc
 
 def _bwd_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, states_ref, ds_ref, dgc_ref,
                 dq_ref, dk_ref, dv_ref, dg_ref, ds_in_ref, *, chunk, n_chunks, size, scale,
-                reverse, diag, grad_cols=(0, 0, 0)):
+                reverse, diag, column_scan, grad_cols=(0, 0, 0)):
   """grad_cols: the first columns of dq, dk and dv in their refs (the packed gradient)."""
-  walk = _Walk(pl.program_id(2), n_chunks, size, chunk, reverse, diag)
+  walk = _Walk(pl.program_id(2), n_chunks, size, chunk, reverse, diag, column_scan)
   kd, vd = q_ref.shape[-1], v_ref.shape[-1]
   dq_cols, dk_cols, dv_cols = (pl.ds(c, d) for c, d in zip(grad_cols, (kd, kd, vd)))
 
@@ -353,42 +376,12 @@ def _call(kernel, grid, in_specs, out_specs, out_shape, name, interpret, aliases
                         input_output_aliases=aliases or {}, interpret=interpret, name=name)
 
 
-# Per-block states are kept as [B, H, K, NB, V] (blocks next to V): the passes over blocks
-# below are then batched matmuls over (B, H, K) with no transposes around them (with
-# [B, H, NB, K, V], XLA transposed both the states and the result: a third of the pass's time
-# at 1792 px in a DiG-S/2 step).
-def _block_log_decays(lam):
-  """Inclusive (Q) and exclusive (P) prefix sums over blocks of their log-decays, [B, H, K, NB],
-  from lam [B, H, NB, 1, K]; the prefix sum as a float32 matmul with a triangle of ones (XLA's
-  cumsum over a short axis was an 8 us kernel)."""
-  lam = lam[:, :, :, 0, :]
-  nb = lam.shape[2]
-  ones = (jnp.arange(nb)[None, :] <= jnp.arange(nb)[:, None]).astype(lam.dtype)
-  q = jnp.einsum("nm,bhmk->bhkn", ones, lam, precision=_HIGHEST)
-  return q, q - lam.transpose(0, 1, 3, 2)
+# Per-block states are kept as [B, H, K, NB, V] (blocks next to V): the carry across blocks
+# (block_carry.py) reads a key row's [NB, V] blocks as one tile.
 
 
-def _states_entering(u, lam, h0):
-  """S_in[n] = exp(P_n) h0 + sum_{m<n} exp(P_n - Q_m) U_m, every exponent <= 0."""
-  q, p = _block_log_decays(lam)
-  nb = u.shape[3]
-  mask = jnp.arange(nb)[None, :] < jnp.arange(nb)[:, None]  # [n, m]: m < n
-  w = jnp.where(mask, jnp.exp(jnp.where(mask, p[..., :, None] - q[..., None, :], 0.0)), 0.0)
-  return (jnp.einsum("bhknm,bhkmv->bhknv", w, u, precision=_HIGHEST)
-          + jnp.exp(p)[..., None] * h0[:, :, :, None])
-
-
-def _dstates_leaving(w_local, lam, dht):
-  """dS_out[n] = exp(Q_last - Q_n) dht + sum_{m>n} exp(P_m - Q_n) W_m, every exponent <= 0."""
-  q, p = _block_log_decays(lam)
-  nb = w_local.shape[3]
-  mask = jnp.arange(nb)[None, :] > jnp.arange(nb)[:, None]  # [n, m]: m > n
-  w = jnp.where(mask, jnp.exp(jnp.where(mask, p[..., None, :] - q[..., :, None], 0.0)), 0.0)
-  return (jnp.einsum("bhknm,bhkmv->bhknv", w, w_local, precision=_HIGHEST)
-          + jnp.exp(q[..., -1:] - q)[..., None] * dht[:, :, :, None])
-
-
-def _fwd_block_states(k, v, g, *, chunk, n_chunks, size, reverse, diag, packed, interpret):
+def _fwd_block_states(k, v, g, *, chunk, n_chunks, size, reverse, diag, column_scan, packed,
+                      interpret):
   """Each block's own state contribution [B, H, K, NB, V] and log-decay [B, H, NB, 1, K]."""
   b, t, h, kd, vd = _dims(g, v, packed)
   nb = -(-n_chunks // size)
@@ -396,64 +389,81 @@ def _fwd_block_states(k, v, g, *, chunk, n_chunks, size, reverse, diag, packed, 
   _, k_spec, v_spec = _qkv_specs(t, kd, vd, packed)
   return _call(
       functools.partial(_fwd_states_kernel, chunk=chunk, n_chunks=n_chunks, size=size,
-                        reverse=reverse, diag=diag), (b, h, nb),
+                        reverse=reverse, diag=diag, column_scan=column_scan), (b, h, nb),
       [k_spec, v_spec, _seq_spec(t, kd)],
       [_state_spec(kd, vd), _block_spec(1, kd)],
       [jax.ShapeDtypeStruct((b, h, kd, nb, vd), f32),
        jax.ShapeDtypeStruct((b, h, nb, 1, kd), f32)], "gla_fwd_states", interpret)(k, v, g)
 
 
-def _bwd_block_states(q, g, do, *, chunk, n_chunks, size, scale, reverse, diag, packed,
-                      interpret):
+def _bwd_block_states(q, g, do, *, chunk, n_chunks, size, scale, reverse, diag, column_scan,
+                      packed, interpret):
   """Each block's queries' contribution to the gradient of the state entering it."""
   b, t, h, kd, vd = _dims(g, do, False)
   nb = -(-n_chunks // size)
   q_spec = _qkv_specs(t, kd, vd, packed)[0]
   return _call(
       functools.partial(_bwd_states_kernel, chunk=chunk, n_chunks=n_chunks, size=size,
-                        scale=scale, reverse=reverse, diag=diag), (b, h, nb),
+                        scale=scale, reverse=reverse, diag=diag, column_scan=column_scan),
+      (b, h, nb),
       [q_spec, _seq_spec(t, kd), _seq_spec(t, vd)],
       _state_spec(kd, vd), jax.ShapeDtypeStruct((b, h, kd, nb, vd), jnp.float32),
       "gla_bwd_states", interpret)(q, g, do)
 
 
 def forward(q, k, v, g, h0, *, scale, reverse, chunk=None, diag=None, block_chunks=None,
-            packed_vd=None, interpret=False):
+            packed_vd=None, column_scan=None, interpret=False):
   """q, k, g [B, T, H, K]; v [B, T, H, V]; h0 [B, H, K, V] f32; T a multiple of `chunk`
   (default CHUNK); `diag`: chunk_math's scheme (default DIAG). `packed_vd` = V: q, k and v are
   all the one array [B, T, W] whose first H * (2K + V) columns are [q heads | k heads |
   v heads] (`packed_layout_ok`), read in place; later columns are not read.
+  column_scan = (h, w): the T tokens are an h x w raster grid, scanned column by column
+  (`column_scan_ok`; o comes back in the raster order of the inputs); `backward` must be given
+  the same.
 
   Returns (o, final state, residuals for `backward`).
   """
   chunk, diag = chunk or CHUNK, diag or DIAG
+  column_scan = _checked_column_scan(column_scan, g.shape[1], chunk)
   size, _ = _blocks(g.shape[1] // chunk, g.shape[0] * g.shape[2], block_chunks, chunk)
   return _forward(q, k, v, g, h0, scale=scale, reverse=reverse, chunk=chunk, size=size,
-                  diag=diag, store=not RECOMPUTE_STATES, packed=_packed(g, packed_vd),
-                  interpret=interpret, tuning=_tuning())
+                  diag=diag, column_scan=column_scan, store=not RECOMPUTE_STATES,
+                  packed=_packed(g, packed_vd), interpret=interpret, tuning=_tuning())
+
+
+def _checked_column_scan(column_scan, t, chunk):
+  if column_scan is None:
+    return None
+  column_scan = tuple(int(n) for n in column_scan)
+  if not column_scan_ok(column_scan, t, chunk):
+    raise ValueError(f"gla pallas_gpu: column_scan={column_scan} needs h * w = T = {t} and h a "
+                     f"multiple of the chunk ({chunk})")
+  return column_scan
 
 
 def _packed(g, packed_vd):
   return None if packed_vd is None else (g.shape[2], packed_vd)
 
 
-_STATIC = ("scale", "reverse", "chunk", "size", "diag", "store", "packed", "interpret", "tuning")
+_STATIC = ("scale", "reverse", "chunk", "size", "diag", "column_scan", "store", "packed",
+           "interpret", "tuning")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _forward(q, k, v, g, h0, *, scale, reverse, chunk, size, diag, store, packed, interpret,
-             tuning):
+def _forward(q, k, v, g, h0, *, scale, reverse, chunk, size, diag, column_scan, store, packed,
+             interpret, tuning):
   del tuning  # a cache key only (`_tuning`): the kernels read the module settings
   b, t, h, kd, vd = _dims(g, v, packed)
   n_chunks = t // chunk
   nb = -(-n_chunks // size)
-  common = dict(chunk=chunk, n_chunks=n_chunks, size=size, reverse=reverse, diag=diag)
+  common = dict(chunk=chunk, n_chunks=n_chunks, size=size, reverse=reverse, diag=diag,
+                column_scan=column_scan)
   f32 = jnp.float32
   if nb == 1:
     s_in, lam = h0[:, :, :, None], jnp.zeros((b, h, 1, 1, kd), f32)
   else:
     u, lam = _fwd_block_states(k, v, g, **common, packed=packed, interpret=interpret)
-    s_in = _states_entering(u, lam, h0)
+    s_in = block_carry.states_entering(u, lam, h0, interpret=interpret)
   nv = v_tiles(b * h * nb, vd)
   out_specs = [_seq_spec(t, vd, nv), _state_spec(kd, vd, nv)]
   out_shape = [jax.ShapeDtypeStruct((b, t, h, vd), v.dtype),
@@ -479,7 +489,8 @@ def _chunk_states_spec(n_chunks, kd, vd, nv):  # [B, H, NC, K, V]: all chunks of
   return pl.BlockSpec((None, None, n_chunks, kd, vd // nv), lambda b, h, j: (b, h, 0, 0, j % nv))
 
 
-def _chunk_states(k, v, g, s_in, *, chunk, n_chunks, size, reverse, diag, packed, interpret):
+def _chunk_states(k, v, g, s_in, *, chunk, n_chunks, size, reverse, diag, column_scan, packed,
+                  interpret):
   """State entering every chunk [B, H, NC, K, V], recomputed from those entering each block."""
   b, t, h, kd, vd = _dims(g, v, packed)
   nb = -(-n_chunks // size)
@@ -487,7 +498,7 @@ def _chunk_states(k, v, g, s_in, *, chunk, n_chunks, size, reverse, diag, packed
   _, k_spec, v_spec = _qkv_specs(t, kd, vd, packed, nv)
   return _call(
       functools.partial(_chunk_states_kernel, chunk=chunk, n_chunks=n_chunks, size=size, nv=nv,
-                        reverse=reverse, diag=diag), (b, h, nb * nv),
+                        reverse=reverse, diag=diag, column_scan=column_scan), (b, h, nb * nv),
       [k_spec, v_spec, _seq_spec(t, kd), _state_spec(kd, vd, nv)],
       _chunk_states_spec(n_chunks, kd, vd, nv),
       jax.ShapeDtypeStruct((b, h, n_chunks, kd, vd), jnp.float32), "gla_chunk_states",
@@ -495,11 +506,12 @@ def _chunk_states(k, v, g, s_in, *, chunk, n_chunks, size, reverse, diag, packed
 
 
 def backward(q, k, v, g, do, residuals, dht, dg0, *, scale, reverse, packed_vd=None,
-             into=None, interpret=False):
+             column_scan=None, into=None, interpret=False):
   """Returns (dq, dk, dv, dg, dh0); with `packed_vd` (as in `forward`): (dqkv, dg, dh0), dqkv
   [B, T, H * (2K + V)] in the packed layout, written by the kernel (no concatenation).
   into (packed only): a [B, T, W >= H * (2K + V)] array the kernel writes dq, dk and dv into
   (aliased, no copy; its other columns keep their values), returned as dqkv.
+  column_scan: as given to `forward`.
   dg0 = sum_V(ht * dht) is recomputed per block from the residuals (it is the last block's
   carry) and not used."""
   del dg0
@@ -508,7 +520,9 @@ def backward(q, k, v, g, do, residuals, dht, dg0, *, scale, reverse, packed_vd=N
   *residuals, marker = residuals
   size, chunk, diag, stored, _ = marker.shape
   return _backward(q, k, v, g, do, tuple(residuals), dht, into, scale=scale, reverse=reverse,
-                   chunk=chunk, size=size, diag=diag, store=stored == 2,
+                   chunk=chunk, size=size, diag=diag,
+                   column_scan=_checked_column_scan(column_scan, g.shape[1], chunk),
+                   store=stored == 2,
                    packed=_packed(g, packed_vd), interpret=interpret,
                    tuning=_tuning())
 
@@ -526,27 +540,29 @@ def _packed_bwd_kernel(*refs, heads, kd, vd, into, **kw):
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _backward(q, k, v, g, do, residuals, dht, into, *, scale, reverse, chunk, size, diag, store,
-              packed, interpret, tuning):
+def _backward(q, k, v, g, do, residuals, dht, into, *, scale, reverse, chunk, size, diag,
+              column_scan, store, packed, interpret, tuning):
   del tuning  # a cache key only (`_tuning`)
   states, s_out, lam = residuals  # states: entering each chunk if stored, else each block
   b, t, h, kd, vd = _dims(g, v, packed)
   n_chunks = t // chunk
   nb = -(-n_chunks // size)
   common = dict(chunk=chunk, n_chunks=n_chunks, size=size, scale=scale, reverse=reverse,
-                diag=diag)
+                diag=diag, column_scan=column_scan)
   f32 = jnp.float32
   qk, vs = _seq_spec(t, kd), _seq_spec(t, vd)
   if not store:
     states = _chunk_states(k, v, g, states, chunk=chunk, n_chunks=n_chunks, size=size,
-                           reverse=reverse, diag=diag, packed=packed, interpret=interpret)
+                           reverse=reverse, diag=diag, column_scan=column_scan, packed=packed,
+                           interpret=interpret)
+  # ds_out: the gradient of the state leaving each block; dgc: the gate's gradient carry at
+  # each block's end, sum_V(s_out * ds_out), [B, H, NB, 1, K]
   if nb == 1:
     ds_out = dht[:, :, :, None]
+    dgc = jnp.sum(s_out * ds_out, axis=-1).transpose(0, 1, 3, 2)[:, :, :, None, :]
   else:
     w_local = _bwd_block_states(q, g, do, **common, packed=packed, interpret=interpret)
-    ds_out = _dstates_leaving(w_local, lam, dht)
-  # dg carry at each block's end, [B, H, NB, 1, K]
-  dgc = jnp.sum(s_out * ds_out, axis=-1).transpose(0, 1, 3, 2)[:, :, :, None, :]
+    ds_out, dgc = block_carry.dstates_leaving(w_local, lam, dht, s_out, interpret=interpret)
   if packed:
     kernel = functools.partial(_packed_bwd_kernel, heads=h, kd=kd, vd=vd,
                                into=into is not None, **common)
