@@ -132,10 +132,11 @@ def block_chunks_for(n_chunks, sequences, chunk=CHUNK, slots=None):
 
   Base size: 256 tokens (one block, so no state passes, up to 256 tokens), doubled while there
   would be more than 128 blocks (the pass over blocks, block_carry, is quadratic in their
-  number). Past one block, the size is the one in [3/4 base, base] (and at most 64 blocks, or base's count)
-  that minimises waves x chunks per program: the backward walk runs `slots` programs at a time
-  (BWD_PROGRAMS_PER_SM per SM), each as long as its chunks, so 294 programs of 16 chunks on 264
-  slots take two full waves (32 chunk steps) where 366 of 13 take 26. Measured on an H100
+  number). Past one block, the size is the one in [3/4 base, base] (and at most 64 blocks, or
+  base's count) that minimises waves x chunks per program: the backward walk runs `slots`
+  programs at a time (BWD_PROGRAMS_PER_SM per SM), each as long as its chunks, so 294
+  programs of 16 chunks on 264 slots take two full waves (32 chunk steps) where 366 of 13
+  take 26. Measured on an H100
   (BENCHMARKS.md): a DiG-S/2 training step -5 % at 1792 px, -2 % at 512 px, -1 % at 1024 px;
   blocks below 3/4 base, or more than 64 of them, lost to the longer pass over blocks (measured
   when that pass was XLA's; block_carry.py has since replaced it)."""
