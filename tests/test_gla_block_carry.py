@@ -56,7 +56,8 @@ def test_carry_matches_block_by_block_recurrence(b, h, kd, nb, vd):
 
 def test_carry_kernels_lower_for_cuda():
   u, lam, h0, s_out = (jnp.asarray(x) for x in _inputs(0, 1, 6, 32, 61, 64))
-  for fn, args in ((block_carry.states_entering, (u, lam, h0)),
-                   (block_carry.dstates_leaving, (u, lam, h0, s_out))):
+  for fn, args, name in ((block_carry.states_entering, (u, lam, h0), "gla_states_entering"),
+                         (block_carry.dstates_leaving, (u, lam, h0, s_out),
+                          "gla_dstates_leaving")):
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    assert "gla_states_entering" in text or "gla_dstates_leaving" in text
+    assert name in text, name

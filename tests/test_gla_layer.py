@@ -131,18 +131,10 @@ def test_lowers_for_cuda_with_one_gradient_buffer():
   assert not adds
 
 
-def _columns_first(x, grid):
-  """[N, h * w, C] raster tokens of an (h, w) grid -> column-major order (numpy, by index)."""
+def _column_order(grid):
+  """The raster index of each token of an (h, w) grid in column-major (scan) order."""
   h, w = grid
-  order = np.arange(h * w).reshape(h, w).T.reshape(-1)  # raster index of each scanned token
-  return x[:, order]
-
-
-def _raster_from_columns(x, grid):
-  h, w = grid
-  order = np.arange(h * w).reshape(h, w).T.reshape(-1)
-  out = jnp.zeros_like(x)
-  return out.at[:, order].set(x)
+  return np.arange(h * w).reshape(h, w).T.reshape(-1)
 
 
 @pytest.mark.parametrize("backends", CASES)
@@ -160,8 +152,9 @@ def test_column_scan_matches_plain_jnp_on_the_transposed_grid(monkeypatch, backe
                                    output_backend=backends[1], interpret=True)
 
   def want_fn(y, *rest):
-    out = plain_layer(_columns_first(y, grid), *rest, reverse=reverse)
-    return _raster_from_columns(out, grid)
+    order = _column_order(grid)  # gathered by index, scattered back
+    out = plain_layer(y[:, order], *rest, reverse=reverse)
+    return jnp.zeros_like(out).at[:, order].set(out)
   with jax.default_matmul_precision("highest"):
     out, grads = _value_and_grads(run, args, dout)
     want_out, want_grads = _value_and_grads(want_fn, args, dout)
@@ -187,7 +180,7 @@ def test_column_scan_is_read_in_place_only_where_columns_hold_whole_chunks():
                        scale=0.25, reverse=False, column_scan=(24, 4), interpret=True)
 
 
-def test_column_scan_lowers_for_cuda():
+def test_column_scan_lowers_for_cuda(monkeypatch):
   """The strided chunk slices of a column scan lower for CUDA, forward and backward."""
   n, grid, heads, kd, vd, rank = 2, (32, 8), 6, 32, 64, 16
   width = heads * (2 * kd + 2 * vd) + rank
@@ -198,14 +191,11 @@ def test_column_scan_lowers_for_cuda():
     return jnp.sum(layer.gla_layer(*a, heads=heads, key_dim=kd, value_dim=vd, reverse=True,
                                    column_scan=grid, backend="pallas_gpu",
                                    output_backend="pallas_gpu"))
-  old = pallas_gpu.BLOCK_CHUNKS
-  pallas_gpu.BLOCK_CHUNKS = 4  # several blocks: every kernel of the split runs
-  try:
-    text = jax.jit(jax.grad(loss, argnums=range(5))).trace(*args).lower(
-        lowering_platforms=("cuda",)).as_text()
-  finally:
-    pallas_gpu.BLOCK_CHUNKS = old
-  for name in ("gla_fwd_states", "gla_fwd", "gla_chunk_states", "gla_bwd_states", "gla_bwd"):
+  monkeypatch.setattr(pallas_gpu, "BLOCK_CHUNKS", 4)  # several blocks: every kernel runs
+  text = jax.jit(jax.grad(loss, argnums=range(5))).trace(*args).lower(
+      lowering_platforms=("cuda",)).as_text()
+  for name in ("gla_fwd_states", "gla_states_entering", "gla_fwd", "gla_chunk_states",
+               "gla_bwd_states", "gla_dstates_leaving", "gla_bwd"):
     assert name in text, name
   # the column order is read in place: no transposed copy of a [N, T, ...] array
   jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=range(5)))(*args)

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kernels_pallas.gla.layer import gla_layer, reads_column_scan_in_place
+from kernels_pallas.gla.layer import gla_layer, reads_column_scan_in_place, transpose_grid
 
 HEAD_KEY_DIM = 32  # key_dim = D/2 and value_dim = D, so every DiG size has d_k 32, d_v 64
 # xavier_uniform with gain 2 ** -2.5 (variance scale = gain ** 2), as the reference initialises GLA
@@ -48,10 +48,8 @@ class GatedLinearAttention(nnx.Module):
     the last token. The GPU kernels read a column scan in place; elsewhere x and the output
     are transposed here (x is narrower than the projections)."""
     if column_scan is not None and not self._reads_in_place(x, column_scan):
-      n, _, d = x.shape
-      h, w = column_scan
-      to_columns = lambda a, grid: a.reshape(n, *grid, d).transpose(0, 2, 1, 3).reshape(n, -1, d)
-      return to_columns(self(to_columns(x, (h, w)), reverse=reverse), (w, h))
+      out = self(transpose_grid(x, column_scan), reverse=reverse)
+      return transpose_grid(out, column_scan[::-1])
     y = self._input_projections(x)  # [q | k | v | output gate | low-rank gate input]
     # The forget gate (log(sigmoid(gk_up(.)) ** (1/16)) in float32, always <= 0), the GLA
     # kernels reading q, k and v in place from y, and o_proj(RMSNorm_per_head(o) * scale *

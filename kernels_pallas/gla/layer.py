@@ -97,13 +97,13 @@ def gla_layer(y, gate_kernel, gate_bias, norm_scale, out_kernel, *, heads: int, 
     return _composed(y, gate_kernel, gate_bias, norm_scale, out_kernel, layout, backend,
                      output_backend, interpret)
   # Per-token pieces commute with the permutation: run the composition in scan order.
-  out = _composed(_transpose_grid(y, column_scan), gate_kernel, gate_bias, norm_scale,
+  out = _composed(transpose_grid(y, column_scan), gate_kernel, gate_bias, norm_scale,
                   out_kernel, layout._replace(column_scan=None), backend, output_backend,
                   interpret)
-  return _transpose_grid(out, column_scan[::-1])
+  return transpose_grid(out, column_scan[::-1])
 
 
-def _transpose_grid(x, grid):
+def transpose_grid(x, grid):
   """[N, h * w, C] tokens of an (h, w) raster grid -> the (w, h) grid's raster order."""
   n, _, c = x.shape
   return x.reshape(n, *grid, c).transpose(0, 2, 1, 3).reshape(n, -1, c)
