@@ -88,6 +88,18 @@ def test_blocks_of_16_tokens(monkeypatch, shape):
   _assert_float32_matches_numpy("pallas_gpu", shape, seed=2)
 
 
+@pytest.mark.parametrize("shape", [(2, 8, 8, 32), (2, 16, 3, 48), (1, 8, 16, 16)])
+def test_kernel_gradient_walks_of_several_steps(monkeypatch, shape):
+  """The kernel-gradient walk with 16-token steps, 2 steps a program and 16 channels: taps cross
+  step and program edges, and programs of one image sum separately."""
+  monkeypatch.setattr(pallas_gpu, "DK_BLOCK_T", 16)
+  monkeypatch.setattr(pallas_gpu, "DK_STEPS", 2)
+  monkeypatch.setattr(pallas_gpu, "DK_BLOCK_D", 16)
+  bt, steps, _ = pallas_gpu.dk_blocks(shape[1] * shape[2], shape[3])
+  assert shape[1] * shape[2] // (bt * steps) >= 2  # several programs per image
+  _assert_float32_matches_numpy("pallas_gpu", shape, seed=3)
+
+
 def test_bfloat16_inputs_accumulate_in_float32():
   x, kernel, bias, dy = _inputs((2, 8, 8, 64), jnp.bfloat16, seed=1)
   f = lambda x, k, b: depthwise_conv3x3(x, k, b, backend="pallas_gpu", interpret=True)
@@ -104,7 +116,8 @@ def test_kernel_lowers_for_cuda():
   loss = lambda x, k, b: jnp.sum(depthwise_conv3x3(x, k, b, backend="pallas_gpu") * dy)
   text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(x, kernel, bias).lower(
       lowering_platforms=("cuda",)).as_text()
-  assert "depthwise_conv_fwd" in text and "depthwise_conv_bwd" in text
+  assert "depthwise_conv_fwd" in text and "depthwise_conv_dk" in text
+  assert "depthwise_conv_bwd" not in text  # dx is the forward kernel on dy
 
 
 def test_dispatch_and_errors():

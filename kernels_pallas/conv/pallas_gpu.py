@@ -1,10 +1,15 @@
-"""3x3 depthwise convolution as Pallas (Triton) kernels for GPUs: one pass forward, one pass
-backward (dx, and per-block shares of the kernel and bias gradients, summed by XLA).
+"""3x3 depthwise convolution as Pallas (Triton) kernels for GPUs: one pass forward; backward in
+two kernels, dx (the forward kernel on dy, kernel rotated 180 degrees) and per-program shares
+of the kernel and bias gradients (`_dk_kernel`), summed by XLA.
 
 Why: XLA runs the jnp form's backward as padded copies, two multi-output reductions and nine
 small reductions. On an H100, fwd+bwd at DiG-S/2 256 px, batch 64 ([64, 16, 16, 384] bf16):
 240 us for the jnp form, 123 us for this kernel's first version; BENCHMARKS.md has the current
-figures.
+figures. The backward was first one kernel doing both (dx's nine dy taps, then nine x taps each
+reduced over the block's tokens): on an H100 (ncu) it was latency-bound, 122 registers and 25 %
+occupancy, with a cross-warp reduction per tap per 64 tokens. Split, the kernel-gradient walk
+keeps elementwise sums over 256 tokens and reduces once: fwd+bwd 10-20 % faster at DiG-S/2's
+shapes, the same at DiG-XL/2's (BENCHMARKS.md).
 
 Layout: the grid's tokens are flattened, [N, T = h * w, D], and read unpadded: the nine taps of
 a block of tokens are nine loads at token offsets (i - 1) * w + (j - 1), masked where the tap's
@@ -23,13 +28,18 @@ from jax.experimental.pallas import triton as pltriton
 
 from kernels_pallas.tiling import largest_pow2_divisor
 
-# Tile: the best of 6 forward and 8 backward shapes measured in 12-layer chains on an H100
-# (BENCHMARKS.md); walking several token blocks per backward program, with the kernel-gradient
-# sums kept across them, was slower at every shape.
+# Forward tile (also dx's): the best of 6 shapes measured in 12-layer chains on an H100
+# (BENCHMARKS.md).
 BLOCK_T = 64  # tokens per program (fewer when T has a smaller power-of-two factor)
 BLOCK_D = 64  # channels per program (a power of two dividing D, at most this)
 MIN_BLOCK_T = 16
 NUM_WARPS = 4
+# The kernel-gradient walk (`_dk_kernel`): DK_STEPS steps of DK_BLOCK_T tokens x DK_BLOCK_D
+# channels a program. Best of 9 shapes on an H100 at DiG-S/2 256 / 1792 / 2048 px (BENCHMARKS.md).
+DK_BLOCK_T = 16
+DK_BLOCK_D = 64
+DK_STEPS = 16
+DK_NUM_WARPS = 4
 _TAPS = tuple((i, j) for i in range(3) for j in range(3))
 
 
@@ -75,20 +85,31 @@ def _fwd_kernel(x_ref, k_ref, b_ref, y_ref, *, w, bt):
   y_ref[pl.ds(t0, bt), :] = acc.astype(y_ref.dtype)
 
 
-def _bwd_kernel(x_ref, dy_ref, k_ref, dx_ref, dk_ref, *, w, bt):
-  """dx = the same conv of dy with the kernel rotated 180 degrees; dk[tap] and dbias (row 9):
-  this block's sums of x_tap * dy and of dy."""
-  t = x_ref.shape[0]
-  t0 = pl.multiple_of(pl.program_id(1) * bt, bt)
-  dx = 0.0
-  for tap, (i, j) in enumerate(_TAPS):  # tap (i, j) of the rotated kernel is (2 - i, 2 - j)
-    dx = dx + _tap(dy_ref, t0, t, w, bt, i, j) * _tap_weights(k_ref, 8 - tap)
-  dx_ref[pl.ds(t0, bt), :] = dx.astype(dx_ref.dtype)
-  dy = _tap(dy_ref, t0, t, w, bt, 1, 1)  # dy of the block itself
-  for tap, (i, j) in enumerate(_TAPS):
-    dk_ref[pl.ds(tap, 1), :] = jnp.sum(_tap(x_ref, t0, t, w, bt, i, j) * dy, axis=0,
-                                       keepdims=True)
-  dk_ref[pl.ds(9, 1), :] = jnp.sum(dy, axis=0, keepdims=True)
+def _dk_kernel(x_ref, dy_ref, dk_ref, *, w, bt, steps):
+  """This program's sums over its steps x bt tokens of x_tap * dy (rows 0-8) and dy (row 9).
+  The sums stay elementwise through the walk, so the cross-warp reduction over tokens runs
+  once per tap per program, not once per block of tokens."""
+  t, bd = x_ref.shape
+  first = pl.program_id(1) * (steps * bt)
+
+  def step(s, sums):
+    tap_sums, dy_sum = sums
+    t0 = pl.multiple_of(first + s * bt, bt)
+    dy = _tap(dy_ref, t0, t, w, bt, 1, 1)
+    return (tuple(total + _tap(x_ref, t0, t, w, bt, i, j) * dy
+                  for total, (i, j) in zip(tap_sums, _TAPS)), dy_sum + dy)
+
+  zero = jnp.zeros((bt, bd), jnp.float32)
+  tap_sums, dy_sum = jax.lax.fori_loop(0, steps, step, ((zero,) * len(_TAPS), zero))
+  for tap, total in enumerate(tap_sums):
+    dk_ref[pl.ds(tap, 1), :] = jnp.sum(total, axis=0, keepdims=True)
+  dk_ref[pl.ds(9, 1), :] = jnp.sum(dy_sum, axis=0, keepdims=True)
+
+
+def dk_blocks(t, d):
+  """(tokens per step, steps per program, channels per program) of `_dk_kernel`."""
+  bt = largest_pow2_divisor(t, DK_BLOCK_T)
+  return bt, largest_pow2_divisor(t // bt, DK_STEPS), largest_pow2_divisor(d, DK_BLOCK_D)
 
 
 def _kernel_rows(kernel):
@@ -113,21 +134,20 @@ def _conv_fwd_call(x, kernel16, bias, *, w, interpret):
   )(x, kernel16, bias.reshape(1, d))
 
 
-def _conv_bwd_call(x, dy, kernel16, *, w, interpret):
+def _conv_dk_call(x, dy, *, w, interpret):
   n, t, d = x.shape
-  bt, bd = blocks(t, d)
-  nb = t // bt
+  bt, steps, bd = dk_blocks(t, d)
+  programs = t // (bt * steps)
   whole = pl.BlockSpec((None, t, bd), lambda b, i, c: (b, 0, c))
   return pl.pallas_call(
-      functools.partial(_bwd_kernel, w=w, bt=bt),
-      grid=(n, nb, d // bd),
-      in_specs=[whole, whole, pl.BlockSpec((16, bd), lambda b, i, c: (0, c))],
-      out_specs=[whole, pl.BlockSpec((None, None, 16, bd), lambda b, i, c: (b, i, 0, c))],
-      out_shape=[jax.ShapeDtypeStruct((n, t, d), dy.dtype),
-                 jax.ShapeDtypeStruct((n, nb, 16, d), jnp.float32)],  # rows 10-15 unused
-      compiler_params=pltriton.CompilerParams(num_warps=NUM_WARPS, num_stages=1),
-      interpret=interpret, name="depthwise_conv_bwd",
-  )(x, dy, kernel16)
+      functools.partial(_dk_kernel, w=w, bt=bt, steps=steps),
+      grid=(n, programs, d // bd),
+      in_specs=[whole, whole],
+      out_specs=pl.BlockSpec((None, None, 16, bd), lambda b, i, c: (b, i, 0, c)),
+      out_shape=jax.ShapeDtypeStruct((n, programs, 16, d), jnp.float32),  # rows 10-15 unused
+      compiler_params=pltriton.CompilerParams(num_warps=DK_NUM_WARPS, num_stages=1),
+      interpret=interpret, name="depthwise_conv_dk",
+  )(x, dy)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -148,8 +168,11 @@ def _forward(x, kernel, bias, interpret):
 def _backward(interpret, residuals, dy):
   x, kernel, bias = residuals
   d = x.shape[-1]
-  dx, shares = _conv_bwd_call(_tokens(x), _tokens(dy), _kernel_rows(kernel), w=x.shape[2],
-                              interpret=interpret)
+  w = x.shape[2]
+  # dx is the convolution of dy with the kernel rotated 180 degrees: the forward kernel's job
+  dx = _conv_fwd_call(_tokens(dy), _kernel_rows(kernel[::-1, ::-1]), jnp.zeros((d,), jnp.float32),
+                      w=w, interpret=interpret)
+  shares = _conv_dk_call(_tokens(x), _tokens(dy), w=w, interpret=interpret)
   sums = jnp.sum(shares, axis=(0, 1))
   return (dx.reshape(x.shape), sums[:9].reshape(3, 3, d).astype(kernel.dtype),
           sums[9].astype(bias.dtype))
