@@ -31,7 +31,8 @@ def base_config() -> config_dict.ConfigDict:
   config.model.dtype = "float32"                           # compute dtype; params stay float32
   config.model.gla_backend = "auto"                        # DiG only: chunk_gla backend
   config.model.conv_backend = "auto"                       # DiG only: depthwise conv backend
-  # DiG only: backend of the one-pass backward of SwiGLU and of GLA's gated output
+  # the adaLN norm kernels (DiG and DiT) and, in DiG, the one-pass backward of SwiGLU and of
+  # GLA's gated output
   config.model.elementwise_backend = "auto"
   # "full": keep only each block's input for the backward (DiG-S/2 at 2048 px: -81 % peak memory
   # for +10 % step time on an H100; "dots" saves less and was slower); "none" keeps everything.

@@ -116,9 +116,9 @@ def make_configs(args) -> list[dict]:
       batch = args.batch or default_batch(px, patch)
       impls = [args.gla_backend] if name.startswith("DiG") else attentions
       for impl in impls:
-        extra = ({"conv_backend": args.conv_backend,
-                  "elementwise_backend": args.elementwise_backend}
-                 if name.startswith("DiG") else {})
+        extra = {"elementwise_backend": args.elementwise_backend}
+        if name.startswith("DiG"):
+          extra["conv_backend"] = args.conv_backend
         if args.mode == "sample":
           extra.update(sample_steps=args.sample_steps, cfg_scale=args.cfg_scale)
         configs.append(dict(model=name, px=px, batch=batch, impl=impl, steps=args.steps,
@@ -198,9 +198,9 @@ def _create_model(config):
   if name.startswith("DiG"):
     overrides["gla_backend"] = config["impl"]
     overrides["conv_backend"] = config.get("conv_backend", "auto")
-    overrides["elementwise_backend"] = config.get("elementwise_backend", "auto")
   else:
     overrides["attention_impl"] = config["impl"]
+  overrides["elementwise_backend"] = config.get("elementwise_backend", "auto")
   latent = px // 8
   model = create_model(name, input_size=latent, in_channels=LATENT_CHANNELS,
                        num_classes=NUM_CLASSES, learn_sigma=True, rngs=nnx.Rngs(0), **overrides)
@@ -389,8 +389,8 @@ def run_config(config, progress=print) -> dict:
     backend = gla_api.resolve_backend(config["impl"], jax.numpy.zeros(()))
     chunk = {"pallas_gpu": pallas_gpu.CHUNK, "pallas_tpu": pallas_tpu.CHUNK,
              "reference": reference.CHUNK}.get(backend, chunk)
-    row.update(impl=backend, gla_chunk=chunk, conv_backend=config.get("conv_backend", "auto"),
-               elementwise_backend=config.get("elementwise_backend", "auto"))
+    row.update(impl=backend, gla_chunk=chunk, conv_backend=config.get("conv_backend", "auto"))
+  row.update(elementwise_backend=config.get("elementwise_backend", "auto"))
   fwd = flops.forward_flops(name, px, gla_chunk=chunk, **shape_overrides)
   row.update(step_flop_fields(config, fwd))
   sampling = row["mode"] == "sample"
@@ -724,8 +724,9 @@ def build_parser():
   parser.add_argument("--conv_backend", default="auto",
                       help="DiG's depthwise conv backend (auto, reference, pallas_gpu)")
   parser.add_argument("--elementwise_backend", default="auto",
-                      help="backend of the one-pass backward of DiG's SwiGLU and GLA gated "
-                           "output (auto, reference, pallas_gpu)")
+                      help="backend of the adaLN norm kernels (both models) and of the "
+                           "one-pass backward of DiG's SwiGLU and GLA gated output (auto, "
+                           "reference, pallas_gpu)")
   parser.add_argument("--optimizer_layout", default="auto", choices=("auto", "flat", "per_leaf"),
                       help="Adam's moments of small parameter arrays as one vector (auto, "
                            "what training uses), of all arrays (flat), or one per array")

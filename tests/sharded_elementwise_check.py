@@ -1,5 +1,5 @@
 """Run by test_elementwise_sharded.py in a subprocess with 8 fake CPU devices: `swiglu_linear`,
-`gated_norm_linear` and `gla_layer` (one VJP) with their Pallas kernels (interpret mode) inside
+`gated_norm_linear`, `gla_layer` (one VJP) and `layer_norm_modulate` with their Pallas kernels (interpret mode) inside
 a sharded jit under the trainer's 8-device mesh; prints JSON with, per function, the relative
 errors of the loss and the gradients against one device and the rows each kernel call sees."""
 import json
@@ -10,6 +10,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dig_jax.train.sharding import make_mesh
 from jaxpr_eqns import eqns
+from kernels_pallas.adaln import layer_norm_modulate
 from kernels_pallas.gated_norm import gated_norm_linear
 from kernels_pallas.gla.layer import gla_layer
 from kernels_pallas.swiglu import swiglu_linear
@@ -41,7 +42,15 @@ def _cases():
       y, wg, bg, scale, wo, heads=2, key_dim=16, value_dim=32, backend="pallas_gpu",
       output_backend="pallas_gpu", interpret=True) * dout3),
       (y, *gate, 1.0 + 0.1 * jax.random.normal(ks[3], (32,)), jax.random.normal(ks[4], (64, 24))))
-  return {"swiglu_linear": swiglu, "gated_norm_linear": gated, "gla_layer": layer}
+  # adaLN's norm on DiG's grid layout [N, h, w, D]
+  ks = jax.random.split(jax.random.PRNGKey(2), 4)
+  dout4 = jax.random.normal(ks[3], (16, 4, 4, 48))
+  norm = (lambda x, shift, scale: jnp.sum(layer_norm_modulate(
+      x, shift, scale, backend="pallas_gpu", interpret=True) * dout4) + jnp.sum(shift * scale),
+      (2.0 * jax.random.normal(ks[0], (16, 4, 4, 48)), jax.random.normal(ks[1], (16, 48)),
+       jax.random.normal(ks[2], (16, 48))))
+  return {"swiglu_linear": swiglu, "gated_norm_linear": gated, "gla_layer": layer,
+          "layer_norm_modulate": norm}
 
 
 def main():

@@ -8,14 +8,14 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from dig_jax.models import layers
+from kernels_pallas.adaln import reference as adaln
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
 import step_profile  # noqa: E402
 
 
 def test_kernel_time_goes_to_the_model_line_of_its_fusion():
-  two_norms = jax.jit(lambda a, b: (layers.layer_norm(a), layers.layer_norm(b)))
+  two_norms = jax.jit(lambda a, b: (adaln.layer_norm(a), adaln.layer_norm(b)))
   hlo = two_norms.lower(jnp.ones((4, 8)), jnp.ones((3, 16))).compile().as_text()
   fusions = re.findall(r"^\s*(?:ROOT )?%?([\w.\-]*fusion[\w.\-]*) = ", hlo, re.M)
   assert any("." in f for f in fusions), fusions  # numbered: "x_fusion.1"
@@ -25,8 +25,8 @@ def test_kernel_time_goes_to_the_model_line_of_its_fusion():
   events.append({"name": "sm90_xmma_gemm_bf16", "dur": 7.0})
   lines, ops, kernels, info = step_profile.attribute(events, hlo, steps=2)
 
-  source, first = inspect.getsourcelines(layers.layer_norm)
-  model_lines = {k for k in lines if k.startswith("layers.py:")}
+  source, first = inspect.getsourcelines(adaln.layer_norm)
+  model_lines = {k for k in lines if k.startswith("reference.py:")}
   assert model_lines and all(
       first <= int(k.split(":")[1].split()[0]) < first + len(source) and k.endswith("layer_norm")
       for k in model_lines)

@@ -9,6 +9,7 @@ from dig_jax.models import layers
 from dig_jax.models.backbone import ConditionalImageTransformer
 from dig_jax.models.gla import GatedLinearAttention
 from dig_jax.models.scan_order import layer_orientation, orient_conv_kernel
+from kernels_pallas.adaln import layer_norm_modulate
 from kernels_pallas.conv import depthwise_conv3x3
 from kernels_pallas.swiglu import swiglu_linear
 
@@ -65,6 +66,7 @@ class DiGBlock(nnx.Module):
     self.layer_index = layer_index
     self.dtype = dtype
     self.conv_backend, self.pallas_interpret = conv_backend, pallas_interpret
+    self.elementwise_backend = elementwise_backend
     self.modulation = layers.AdaLNModulation(hidden, 6, dtype=dtype, rngs=rngs)
     self.attn = GatedLinearAttention(hidden, num_heads, dtype=dtype, backend=gla_backend,
                                      output_backend=elementwise_backend,
@@ -83,6 +85,10 @@ class DiGBlock(nnx.Module):
                   column_scan=(h, w) if transposed else None)
     return y.reshape(n, h, w, d)
 
+  def _norm(self, x, shift, scale):
+    return layer_norm_modulate(x, shift, scale, backend=self.elementwise_backend,
+                               interpret=self.pallas_interpret)
+
   def _depthwise_conv(self, x):
     kernel = orient_conv_kernel(self.conv_kernel[...], self.layer_index)
     return depthwise_conv3x3(x, kernel[:, :, 0], self.conv_bias[...], backend=self.conv_backend,
@@ -90,8 +96,8 @@ class DiGBlock(nnx.Module):
 
   def __call__(self, x, c):
     shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(c)
-    x = x + gate1[:, None, None] * self._mix_tokens(layers.modulate(layers.layer_norm(x), shift1, scale1))
-    x = x + gate2[:, None, None] * self.mlp(layers.modulate(layers.layer_norm(x), shift2, scale2))
+    x = x + gate1[:, None, None] * self._mix_tokens(self._norm(x, shift1, scale1))
+    x = x + gate2[:, None, None] * self.mlp(self._norm(x, shift2, scale2))
     return self._depthwise_conv(x)
 
 

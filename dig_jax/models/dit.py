@@ -7,6 +7,7 @@ from flax import nnx
 
 from dig_jax.models import layers
 from dig_jax.models.backbone import ConditionalImageTransformer
+from kernels_pallas.adaln import layer_norm_modulate
 
 
 class SelfAttention(nnx.Module):
@@ -42,7 +43,11 @@ class Mlp(nnx.Module):
 
 class DiTBlock(nnx.Module):
   def __init__(self, hidden: int, num_heads: int, mlp_ratio: float, *, dtype=jnp.float32,
-               attention_impl=None, rngs: nnx.Rngs):
+               attention_impl=None, elementwise_backend: str = "auto",
+               pallas_interpret: bool = False, rngs: nnx.Rngs):
+    # The adaLN norms run the same kernels as DiG's (kernels_pallas.adaln), so the two models
+    # differ only in token mixing, MLP and conv.
+    self.norm_backend, self.pallas_interpret = elementwise_backend, pallas_interpret
     self.modulation = layers.AdaLNModulation(hidden, 6, dtype=dtype, rngs=rngs)
     self.attn = SelfAttention(hidden, num_heads, dtype=dtype, implementation=attention_impl,
                               rngs=rngs)
@@ -50,8 +55,12 @@ class DiTBlock(nnx.Module):
 
   def __call__(self, x, c):
     shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(c)
-    x = x + gate1[:, None] * self.attn(layers.modulate(layers.layer_norm(x), shift1, scale1))
-    return x + gate2[:, None] * self.mlp(layers.modulate(layers.layer_norm(x), shift2, scale2))
+    x = x + gate1[:, None] * self.attn(self._norm(x, shift1, scale1))
+    return x + gate2[:, None] * self.mlp(self._norm(x, shift2, scale2))
+
+  def _norm(self, x, shift, scale):
+    return layer_norm_modulate(x, shift, scale, backend=self.norm_backend,
+                               interpret=self.pallas_interpret)
 
 
 class DiT(ConditionalImageTransformer):
@@ -60,12 +69,14 @@ class DiT(ConditionalImageTransformer):
   def __init__(self, *, input_size, patch_size: int, in_channels: int, hidden_size: int,
                depth: int, num_heads: int, num_classes: int, mlp_ratio: float = 4.0,
                learn_sigma: bool = True, dtype=jnp.float32, attention_impl=None,
+               elementwise_backend: str = "auto", pallas_interpret: bool = False,
                remat: str = "none", rngs: nnx.Rngs):
     super().__init__(input_size=input_size, patch_size=patch_size, in_channels=in_channels,
                      hidden_size=hidden_size, num_classes=num_classes, learn_sigma=learn_sigma,
                      dtype=dtype, remat=remat, rngs=rngs)
     self.blocks = nnx.List([
         DiTBlock(hidden_size, num_heads, mlp_ratio, dtype=dtype, attention_impl=attention_impl,
+                 elementwise_backend=elementwise_backend, pallas_interpret=pallas_interpret,
                  rngs=rngs) for _ in range(depth)])
 
   def __call__(self, x, t, y):

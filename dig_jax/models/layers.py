@@ -9,23 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+# adaLN normalisation (jnp form); the blocks call kernels_pallas.adaln.layer_norm_modulate
+from kernels_pallas.adaln.reference import layer_norm, modulate  # noqa: F401
+
 xavier_uniform = nnx.initializers.xavier_uniform()
 zeros = nnx.initializers.zeros_init()
 normal_002 = nnx.initializers.normal(stddev=0.02)
-
-
-def layer_norm(x, eps=1e-6):
-  """LayerNorm without affine parameters (as DiT/DiG), computed in float32."""
-  x32 = x.astype(jnp.float32)
-  mean = jnp.mean(x32, axis=-1, keepdims=True)
-  var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-  return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
-
-
-def modulate(x, shift, scale):
-  """adaLN modulation; shift/scale are per example [N, D], x is [N, ..., D]."""
-  expand = (slice(None),) + (None,) * (x.ndim - 2)
-  return x * (1 + scale[expand]) + shift[expand]
 
 
 @functools.lru_cache(maxsize=16)

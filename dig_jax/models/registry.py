@@ -19,7 +19,7 @@ MODEL_NAMES = tuple(f"{family}-{size}/{patch}" for family in ("DiG", "DiT")
 _DIG_OVERRIDES = {"depth", "hidden_size", "num_heads", "mlp_hidden", "dtype", "gla_backend",
                   "conv_backend", "elementwise_backend", "pallas_interpret", "remat"}
 _DIT_OVERRIDES = {"depth", "hidden_size", "num_heads", "mlp_ratio", "dtype", "attention_impl",
-                  "remat"}
+                  "elementwise_backend", "pallas_interpret", "remat"}
 
 
 def swiglu_hidden(hidden: int) -> int:
@@ -39,11 +39,11 @@ def create_model(name: str, *, input_size, in_channels: int, num_classes: int,
                  learn_sigma: bool = True, rngs: nnx.Rngs, **overrides):
   """Builds a named DiG or DiT. Overrides (e.g. depth=2, dtype=jnp.bfloat16) shrink or tune it.
 
-  DiG accepts depth, hidden_size, num_heads, mlp_hidden, dtype, gla_backend, conv_backend,
-  elementwise_backend (the one-pass backward of SwiGLU and of GLA's gated output),
-  pallas_interpret (the Pallas kernels in interpret mode, for CPU tests);
+  DiG accepts depth, hidden_size, num_heads, mlp_hidden, dtype, gla_backend, conv_backend;
   DiT accepts depth, hidden_size, num_heads, mlp_ratio, dtype, attention_impl; both accept
-  remat ("none", "full" or "dots": what each block keeps for the backward pass).
+  elementwise_backend (the adaLN norm kernels, and in DiG the one-pass backward of SwiGLU and
+  of GLA's gated output), pallas_interpret (the Pallas kernels in interpret mode, for CPU
+  tests) and remat ("none", "full" or "dots": what each block keeps for the backward pass).
   """
   family, size, patch = parse_model_name(name)
   allowed = _DIG_OVERRIDES if family == "DiG" else _DIT_OVERRIDES
@@ -85,6 +85,6 @@ def create_model_from_config(config, *, rngs: nnx.Rngs):
     overrides["gla_backend"] = m.gla_backend
     # .get: runs saved before these options existed
     overrides["conv_backend"] = m.get("conv_backend", "auto")
-    overrides["elementwise_backend"] = m.get("elementwise_backend", "auto")
+  overrides["elementwise_backend"] = m.get("elementwise_backend", "auto")
   return create_model(m.name, input_size=d.image_size, in_channels=d.channels,
                       num_classes=d.num_classes, learn_sigma=m.learn_sigma, rngs=rngs, **overrides)

@@ -1,0 +1,130 @@
+"""adaLN's LayerNorm + modulation: the jnp reference and the Pallas GPU kernels (interpret mode)
+against the formula in float64 numpy (forward) and its gradients written out by hand; the
+kernels' cuda lowering; dispatch and errors. Per batch shard on 8 devices:
+test_elementwise_sharded.py."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels_pallas.adaln import layer_norm_modulate, pallas_gpu
+from kernels_pallas.adaln.api import resolve_backend
+
+EPS = 1e-6
+
+
+def _numpy_forward_and_grads(x, shift, scale, dy):
+  """y = xhat (1 + scale) + shift per example, and dx, dshift, dscale of sum(y * dy), with the
+  LayerNorm's gradient written out: dx = (g - mean(g) - xhat mean(g xhat)) / sigma."""
+  n, d = x.shape[0], x.shape[-1]
+  x = x.reshape(n, -1, d)
+  dy = dy.reshape(n, -1, d)
+  mean = x.mean(-1, keepdims=True)
+  sigma = np.sqrt(((x - mean) ** 2).mean(-1, keepdims=True) + EPS)
+  xhat = (x - mean) / sigma
+  y = xhat * (1 + scale[:, None]) + shift[:, None]
+  g = dy * (1 + scale[:, None])
+  dx = (g - g.mean(-1, keepdims=True) - xhat * (g * xhat).mean(-1, keepdims=True)) / sigma
+  return y, dx, dy.sum(1), (dy * xhat).sum(1)
+
+
+def _inputs(shape, dtype, seed):
+  ks = jax.random.split(jax.random.PRNGKey(seed), 4)
+  n, d = shape[0], shape[-1]
+  offset = jax.random.normal(ks[1], (n,) + (1,) * (len(shape) - 2) + (d,))  # non-zero means
+  x = 2.0 * jax.random.normal(ks[0], shape) + offset
+  return (x.astype(dtype), (0.3 * jax.random.normal(ks[1], (n, d))).astype(dtype),
+          (0.3 * jax.random.normal(ks[2], (n, d))).astype(dtype),
+          jax.random.normal(ks[3], shape).astype(dtype))
+
+
+def _rel_rms(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.sqrt(np.mean((a - b) ** 2) / np.mean(b ** 2)))
+
+
+def _check(backend, shape, dtype, tol, seed=0):
+  x, shift, scale, dy = _inputs(shape, dtype, seed)
+  f = lambda x, s, c: layer_norm_modulate(x, s, c, backend=backend, interpret=True)
+  y, vjp = jax.vjp(f, x, shift, scale)
+  dx, dshift, dscale = vjp(dy)
+  assert y.dtype == dtype and dx.dtype == dtype and dshift.dtype == dscale.dtype == dtype
+  arrays = [np.asarray(a.astype(jnp.float32), np.float64) for a in (x, shift, scale, dy)]
+  want = _numpy_forward_and_grads(*arrays)
+  for got, expected in zip((y, dx, dshift, dscale), want):
+    assert _rel_rms(np.asarray(got.astype(jnp.float32)).reshape(expected.shape), expected) < tol
+
+
+# (N, T, D) and DiG's (N, h, w, D): D = 48 (padded to 64), DiG-S's 384, XL's 1152 (2 rows a
+# block), a token count with only a factor 2 (blocks of 2 rows), several blocks per example
+SHAPES = [(2, 8, 48), (2, 4, 8, 384), (3, 6, 1152), (2, 64, 32), (1, 6, 16)]
+
+
+@pytest.mark.parametrize("backend", ["reference", "pallas_gpu"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_float32_matches_numpy(backend, shape):
+  _check(backend, shape, jnp.float32, 1e-5)
+
+
+@pytest.mark.parametrize("backend", ["reference", "pallas_gpu"])
+def test_bfloat16_inputs(backend):
+  _check(backend, (2, 16, 384), jnp.bfloat16, 1e-2, seed=1)
+
+
+def test_small_blocks_split_each_example(monkeypatch):
+  """Blocks of 2 rows of 64 columns: many programs per example, each a share of dshift/dscale."""
+  monkeypatch.setattr(pallas_gpu, "BLOCK_ELEMENTS", 128)
+  assert pallas_gpu.block_rows(32, 48) == 2
+  _check("pallas_gpu", (2, 32, 48), jnp.float32, 1e-5, seed=2)
+
+
+def test_kernels_lower_for_cuda():
+  x, shift, scale, dy = _inputs((2, 256, 384), jnp.bfloat16, 0)
+  loss = lambda x, s, c: jnp.sum(layer_norm_modulate(x, s, c, backend="pallas_gpu") * dy)
+  text = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).trace(x, shift, scale).lower(
+      lowering_platforms=("cuda",)).as_text()
+  assert "adaln_norm_fwd" in text and "adaln_norm_bwd" in text
+
+
+def test_dispatch_and_errors():
+  x = jnp.ones((2, 8, 32))
+  assert resolve_backend("auto", x) == "reference"  # CPU
+  with pytest.raises(ValueError, match="unknown backend 'triton'"):
+    layer_norm_modulate(x, jnp.ones((2, 32)), jnp.ones((2, 32)), backend="triton")
+  with pytest.raises(ValueError, match=r"shift, scale \[N, D\].*shift \(2, 16\)"):
+    layer_norm_modulate(x, jnp.ones((2, 16)), jnp.ones((2, 16)))
+  odd = jnp.ones((2, 7, 32))  # 7 tokens: blocks of one row
+  assert not pallas_gpu.supports(7, 32)
+  with pytest.raises(ValueError, match="got 7 tokens of D = 32"):
+    layer_norm_modulate(odd, jnp.ones((2, 32)), jnp.ones((2, 32)), backend="pallas_gpu")
+
+
+def test_dit_with_the_kernels_matches_the_jnp_norms():
+  """A 2-block DiT with the adaLN kernels (interpret mode) against the same DiT with the jnp
+  norms: output and parameter gradients (DiG's blocks: test_gla_model_backends.py)."""
+  from flax import nnx
+
+  from dig_jax.models import create_model
+
+  ks = jax.random.split(jax.random.PRNGKey(0), 3)
+  x = jax.random.normal(ks[0], (2, 8, 8, 4))
+  t, y = jnp.array([3, 700]), jnp.array([1, 7])
+  target = jax.random.normal(ks[1], (2, 8, 8, 8))
+
+  def loss_and_grads(backend):
+    model = create_model("DiT-S/2", input_size=8, in_channels=4, num_classes=10, depth=2,
+                         elementwise_backend=backend, pallas_interpret=True, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model, nnx.Param)
+    leaves, tree = jax.tree.flatten(params)  # adaLN-Zero starts at zero: perturb everything
+    keys = jax.random.split(ks[2], len(leaves))
+    params = jax.tree.unflatten(tree, [p + 0.02 * jax.random.normal(k, p.shape)
+                                       for p, k in zip(leaves, keys)])
+    loss = lambda p: jnp.mean((nnx.merge(graphdef, p)(x, t, y) - target) ** 2)
+    return jax.value_and_grad(loss)(params)
+
+  with jax.default_matmul_precision("highest"):
+    want_loss, want_grads = loss_and_grads("reference")
+    got_loss, got_grads = loss_and_grads("pallas_gpu")
+  np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
+  for got, want in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
+    np.testing.assert_allclose(got, want, rtol=2e-3, atol=1e-6)
