@@ -140,18 +140,30 @@ def test_kernel_runs_per_batch_shard_on_8_devices():
   assert result["loss_rel_err"] < 1e-5 and max(result["grad_rel_errs"]) < 1e-5
 
 
-def test_bench_cli_times_and_checks_the_chain(tmp_path, capsys):
+def test_bench_cli_times_and_checks_the_chain(tmp_path, capsys, monkeypatch):
   from kernels_pallas.conv import bench
   out = tmp_path / "conv.json"
-  tile = (pallas_gpu.BLOCK_T, pallas_gpu.BLOCK_D, pallas_gpu.NUM_WARPS)
+  names = ("BLOCK_T", "BLOCK_D", "NUM_WARPS", "DK_BLOCK_T", "DK_STEPS", "DK_BLOCK_D",
+           "DK_NUM_WARPS")
+  settings = lambda: tuple(getattr(pallas_gpu, n) for n in names)
+  defaults, seen = settings(), []
+  time_chain = bench.time_chain
+
+  def spy(conv, *args):  # the kernel's settings while each row is timed
+    seen.append(settings())
+    return time_chain(conv, *args)
+
+  monkeypatch.setattr(bench, "time_chain", spy)
   bench.main(["--shape", "2,8,8,32", "--layers", "2", "--runs", "2", "--interpret", "--check",
-              "--tile", "16,16,2", "--json", str(out)])
+              "--tile", "16,16,2", "--dk_tile", "16,2,16,1", "--json", str(out)])
   result = json.loads(out.read_text())
-  assert [r["backend"] for r in result["rows"]] == ["reference", "pallas_gpu",
-                                                    "pallas_gpu tile (16, 16, 2)"]
+  assert [r["backend"] for r in result["rows"]] == [
+      "reference", "pallas_gpu", "pallas_gpu tile (16, 16, 2)",
+      "pallas_gpu dk_tile (16, 2, 16, 1)"]
+  assert seen[2] == (16, 16, 2) + defaults[3:] and seen[3] == defaults[:3] + (16, 2, 16, 1)
   assert all(r["fwd_us"] > 0 and r["fwd_bwd_us"] > 0 for r in result["rows"])
   assert result["check"]["2,8,8,32"] < 1e-6
-  assert (pallas_gpu.BLOCK_T, pallas_gpu.BLOCK_D, pallas_gpu.NUM_WARPS) == tile  # restored
+  assert settings() == defaults  # restored
   assert "| 2,8,8,32 | pallas_gpu |" in capsys.readouterr().out
   with pytest.raises(SystemExit):
     bench.main(["--shape", "2,8,8"])

@@ -1,12 +1,14 @@
 """Benchmark of the depthwise conv backends: `python -m kernels_pallas.conv.bench [--shape
-N,h,w,D] [--tile TOKENS,CHANNELS,WARPS] [--check] [--json FILE]`.
+N,h,w,D] [--tile TOKENS,CHANNELS,WARPS] [--dk_tile TOKENS,STEPS,CHANNELS,WARPS] [--check]
+[--json FILE]`.
 
 Times a chain of `--layers` convs (x -> conv -> conv ...), jitted: the forward, and `jax.grad`
 of the chain (forward + backward), reported per layer. A chain is how a training step runs
 them, so the copies XLA adds around a kernel are timed with it (a single call hides them).
 Shapes: DiG's at S/2 and XL/2, 256 px batch 64 and 1792 / 2048 px batch 1, bf16 activations.
 Backends: the jnp reference, and the Pallas kernel on GPUs (or anywhere with `--interpret`,
-for tests); `--tile` adds the kernel with other tiles, side by side. `--check` first compares
+for tests); `--tile` adds the kernel with other forward (and dx) tiles, `--dk_tile` with other
+shapes of the kernel-gradient walk, side by side. `--check` first compares
 the kernel's chain gradients with the reference's in float32.
 """
 from __future__ import annotations
@@ -62,10 +64,17 @@ def _kernel(interpret):
   return lambda x, k, b: pallas_gpu.depthwise_conv3x3(x, k, b, interpret)
 
 
+def tile_settings(tile):
+  """pallas_gpu settings of a --tile (tokens, channels, warps) or a --dk_tile (tokens, steps,
+  channels, warps)."""
+  names = (("BLOCK_T", "BLOCK_D", "NUM_WARPS") if len(tile) == 3 else
+           ("DK_BLOCK_T", "DK_STEPS", "DK_BLOCK_D", "DK_NUM_WARPS"))
+  return dict(zip(names, tile))
+
+
 def _time_with_tile(tile, shape, args):
-  """time_chain with the kernel's tile set to (tokens, channels, warps)."""
-  block_t, block_d, warps = tile
-  with module_settings(pallas_gpu, dict(BLOCK_T=block_t, BLOCK_D=block_d, NUM_WARPS=warps)):
+  """time_chain with the kernel's forward tile or kernel-gradient walk set to `tile`."""
+  with module_settings(pallas_gpu, tile_settings(tile)):
     return time_chain(_kernel(args.interpret), shape, args.layers, args.runs)
 
 
@@ -117,6 +126,11 @@ def main(argv=None):
                       help="TOKENS,CHANNELS,WARPS: also time the kernel with this tile "
                            f"(default tile {pallas_gpu.BLOCK_T},{pallas_gpu.BLOCK_D},"
                            f"{pallas_gpu.NUM_WARPS}; repeatable)")
+  parser.add_argument("--dk_tile", action="append", default=[],
+                      help="TOKENS,STEPS,CHANNELS,WARPS: also time the kernel with this "
+                           "kernel-gradient walk (default "
+                           f"{pallas_gpu.DK_BLOCK_T},{pallas_gpu.DK_STEPS},"
+                           f"{pallas_gpu.DK_BLOCK_D},{pallas_gpu.DK_NUM_WARPS}; repeatable)")
   parser.add_argument("--layers", type=int, default=12, help="convs in the timed chain")
   parser.add_argument("--runs", type=int, default=20, help="timed runs per measurement")
   parser.add_argument("--check", action="store_true",
@@ -128,14 +142,15 @@ def main(argv=None):
   try:
     shapes = ({s: _parse_ints(s, 4, "--shape") for s in args.shape} if args.shape
               else dict(SHAPES))
-    tiles = [_parse_ints(t, 3, "--tile") for t in args.tile]
+    tiles = ([_parse_ints(t, 3, "--tile") for t in args.tile]
+             + [_parse_ints(t, 4, "--dk_tile") for t in args.dk_tile])
   except ValueError as e:
     parser.error(str(e))
   if args.layers < 1 or args.runs < 1:
     parser.error("--layers and --runs must be >= 1")
   kernel = args.interpret or jax.default_backend() == "gpu"
   if tiles and not kernel:
-    parser.error("--tile needs a GPU (or --interpret)")
+    parser.error("--tile and --dk_tile need a GPU (or --interpret)")
 
   rows, result = [], {"device": str(jax.devices()[0].device_kind), "layers": args.layers}
   for name, shape in shapes.items():
@@ -153,7 +168,8 @@ def main(argv=None):
       runs.append(("pallas_gpu", lambda s=shape: time_chain(_kernel(args.interpret), s,
                                                             args.layers, args.runs)))
       for tile in tiles:
-        runs.append((f"pallas_gpu tile {tile}", lambda s=shape, t=tile: _time_with_tile(
+        kind = "tile" if len(tile) == 3 else "dk_tile"
+        runs.append((f"pallas_gpu {kind} {tile}", lambda s=shape, t=tile: _time_with_tile(
             t, s, args)))
     ref_us = None
     for backend, run in runs:
