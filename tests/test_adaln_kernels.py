@@ -29,9 +29,9 @@ def _numpy_forward_and_grads(x, shift, scale, dy):
 
 
 def _inputs(shape, dtype, seed):
-  ks = jax.random.split(jax.random.PRNGKey(seed), 4)
+  ks = jax.random.split(jax.random.PRNGKey(seed), 5)
   n, d = shape[0], shape[-1]
-  offset = jax.random.normal(ks[1], (n,) + (1,) * (len(shape) - 2) + (d,))  # non-zero means
+  offset = jax.random.normal(ks[4], (n,) + (1,) * (len(shape) - 2) + (d,))  # non-zero means
   x = 2.0 * jax.random.normal(ks[0], shape) + offset
   return (x.astype(dtype), (0.3 * jax.random.normal(ks[1], (n, d))).astype(dtype),
           (0.3 * jax.random.normal(ks[2], (n, d))).astype(dtype),
