@@ -223,3 +223,79 @@ def dstate_update(q, g, do, dstate, *, scale, reverse, ops):
   dt = _Precision.of(q.dtype, ops)
   eq, _, decay = _chunk_decays(g, reverse, ops)
   return decay * dstate + _tn(q.astype(f32) * eq, scale * do.astype(f32), dt, sums=True)
+
+
+# Pair form (pair_bwd.py): the backward of a short sequence as pairs of tiles, no walk over
+# states. A query tile meets every earlier key tile through factors anchored at the boundary
+# just before the query tile: fq = exp(G_i - G_anchor) and fk = exp(G_anchor - G_j), both <= 1.
+
+
+def tile_cumsum(g, *, reverse, ops):
+  """(inclusive cumulative log-gate in scan order [C, K], the tile's total [1, K])."""
+  return ops.cumsum(g, g.shape[0], reverse), jnp.sum(g, axis=0, keepdims=True)
+
+
+def _causal_da(dof, v, dt, reverse):
+  c = dof.shape[0]
+  i, j = _iotas(c)
+  return jnp.where((j >= i) if reverse else (j <= i), _nt(dof, v.astype(f32), dt), 0.0)
+
+
+def diagonal_dkv(q, k, v, g, dof, *, reverse, ops, diag=1):
+  """(dk, dv) of a tile from its own queries: `backward`'s in-chunk terms. dof = scale * do
+  in float32."""
+  dt = _Precision.of(q.dtype, ops)
+  qf, kf = q.astype(f32), k.astype(f32)
+  da = _causal_da(dof, v, dt, reverse)
+  terms = _score_terms(g, reverse, diag, ops)
+  dv = _tn(_scores(qf, kf, terms, dt, diag), dof, dt)
+  dk = 0.0
+  if diag == 1:
+    i, j = _iotas(q.shape[0])
+    dk = jnp.sum(jnp.where(i == j, da, 0.0), axis=1, keepdims=True) * qf
+  for fq, fk, mask in terms:
+    dk += fk * _tn(jnp.where(mask, da, 0.0), qf * fq, dt, sums=True)
+  return dk, dv
+
+
+def diagonal_dq(q, k, v, g, dof, *, reverse, ops, diag=1):
+  """dq of a tile from its own keys: `backward`'s in-chunk terms."""
+  dt = _Precision.of(q.dtype, ops)
+  kf = k.astype(f32)
+  da = _causal_da(dof, v, dt, reverse)
+  dq = 0.0
+  if diag == 1:
+    i, j = _iotas(q.shape[0])
+    dq = jnp.sum(jnp.where(i == j, da, 0.0), axis=1, keepdims=True) * kf
+  for fq, fk, mask in _score_terms(g, reverse, diag, ops):
+    dq += fq * _nn(jnp.where(mask, da, 0.0), kf * fk, dt, sums=True)
+  return dq
+
+
+def pair_dkv(q, dof, fq, k, v, fk, *, ops):
+  """(dk, dv) of a key tile from a later query tile, factors anchored between them."""
+  dt = _Precision.of(q.dtype, ops)
+  qs, ks = q.astype(f32) * fq, k.astype(f32) * fk
+  dv = _tn(_nt(qs, ks, dt), dof, dt)
+  dk = fk * _tn(_nt(dof, v.astype(f32), dt), qs, dt, sums=True)
+  return dk, dv
+
+
+def pair_dq(dof, fq, k, v, fk, *, ops):
+  """dq of a query tile from an earlier key tile, factors anchored between them."""
+  dt = _Precision.of(k.dtype, ops)
+  return fq * _nn(_nt(dof, v.astype(f32), dt), k.astype(f32) * fk, dt, sums=True)
+
+
+def state_dkv(k, v, fk, dstate, *, ops):
+  """(dk, dv) of a tile from the gradient of a later state; fk = its keys' decay to it."""
+  dt = _Precision.of(k.dtype, ops)
+  return (fk * _nt(v.astype(f32), dstate, dt, sums=True),
+          _nn(k.astype(f32) * fk, dstate, dt, sums=True))
+
+
+def state_dq(q, dof, fq, state, *, ops):
+  """(dq of a tile from an earlier state, that state's gradient from the tile's queries);
+  fq = the queries' decay from it."""
+  dt = _Precision.of(q.dtype, ops)
+  return fq * _nt(dof, state, dt, sums=True), _tn(q.astype(f32) * fq, dof, dt, sums=True)
