@@ -86,7 +86,7 @@ def _n_sets(nbytes):
 
 
 _SETTINGS = {"C": "CHUNK", "D": "DIAG", "L": "BLOCK_CHUNKS", "S": "RECOMPUTE_STATES",
-             "N": "NUM_STAGES", "T": "V_TILE_PROGRAMS", "Q": "PAIR_BACKWARD_TOKENS"}
+             "N": "NUM_STAGES", "T": "V_TILE_PROGRAMS"}
 _WARPS_OF = {"W": "default", "F": "gla_fwd", "B": "gla_bwd"}  # warps: all, forward, backward
 _FORWARD_WALKS = ("gla_fwd", "gla_fwd_states")  # letter P: their pipelining stages
 
@@ -97,8 +97,7 @@ def _variant_fn(variant):
   S (1: the backward recomputes the per-chunk states, 0: the forward stores them),
   N (software-pipelining stages of every kernel's chunk loop), P (stages of the two forward
   walks only), W (warps of every kernel), F / B (warps of the forward / backward output
-  kernel), T (programs below which the forward walks split V), Q (longest sequence whose
-  backward runs in pair form; Q0: never), each followed by a number,
+  kernel), T (programs below which the forward walks split V), each followed by a number,
   e.g. C64D16B8; or old=PATH."""
   if variant.startswith("old="):
     import importlib.util

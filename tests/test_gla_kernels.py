@@ -10,8 +10,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from conftest import run_on_8_devices
 from jaxpr_eqns import eqns
-from kernels_pallas.gla import (chunk_gla, chunk_gla_packed, chunk_math, pair_bwd, pallas_gpu,
-                                 reference)
+from kernels_pallas.gla import chunk_gla, chunk_gla_packed, chunk_math, pallas_gpu, reference
 
 KERNELS = ("pallas_gpu", "pallas_tpu")
 TOLERANCE = {jnp.float32: 1e-4, jnp.bfloat16: 5e-3}
@@ -169,56 +168,6 @@ def _check_case(backend, case):
   assert all(e < TOLERANCE[dtype] for e in errors.values()), errors
 
 
-# Short sequences of whole 64-token tiles with 16-bit inputs take the GPU backward in pair form
-# (pair_bwd.py): tiles meet in pairs, no walk over states. Its own cases: 1 to 4 tiles, both
-# directions, initial state, strong gates (floored), batch x heads = 1.
-CASES.update({
-    "pairs: one tile, reverse, strong, h0": (1, 64, 2, 32, 64, jnp.bfloat16, True, True, True),
-    "pairs: 3 tiles, strong, h0, BH=1": (1, 192, 1, 32, 64, jnp.bfloat16, False, True, True),
-    "pairs: 4 tiles, K=16 V=32, reverse": (2, 256, 1, 16, 32, jnp.bfloat16, True, False, False),
-    "pairs: 4 tiles, h0": (1, 256, 2, 32, 64, jnp.bfloat16, False, True, False),
-    "pairs: 2 tiles, reverse, strong": (1, 128, 2, 32, 64, jnp.bfloat16, True, False, True),
-    # float32 inputs keep the walk (pair_bwd.INPUT_DTYPES); with DiG's gates the pair form's
-    # math is checked at float32's tolerance, which bf16's would hide
-    "pairs: float32, 3 tiles, h0": (2, 192, 2, 32, 64, jnp.float32, False, True, False),
-    "pairs: float32, 4 tiles, reverse": (1, 256, 2, 16, 32, jnp.float32, True, True, False),
-})
-PAIR_CASES = [c for c in CASES if c.startswith("pairs")]
-
-
-def _gpu_backward_kernels(t, reverse=False, dtype=jnp.bfloat16):
-  """Names of the Pallas calls in chunk_gla's backward on the GPU kernels at T tokens."""
-  (q, k, v, g, _), (do, _) = _inputs(0, 1, t, 2, 32, 64, dtype, False)
-  f = lambda *a: chunk_gla(*a, reverse=reverse, backend="pallas_gpu", interpret=True)[0]
-  _, vjp = jax.vjp(f, q, k, v, g)
-  jaxpr = jax.make_jaxpr(vjp)(do).jaxpr
-  return {str(e.params["name"]) for e in eqns(jaxpr) if e.primitive.name == "pallas_call"}
-
-
-@pytest.mark.parametrize("case", PAIR_CASES)
-def test_gpu_pair_backward_matches_recurrent_reference(monkeypatch, case):
-  if CASES[case][5] == jnp.float32:
-    monkeypatch.setattr(pair_bwd, "INPUT_DTYPES", (jnp.float32,))
-  t, dtype = CASES[case][1], CASES[case][5]
-  pairs = {"gla_bwd_pair_dkv", "gla_bwd_pair_dq"}
-  assert _gpu_backward_kernels(t, dtype=dtype) & {"gla_bwd", "gla_chunk_states"} == set()
-  assert _gpu_backward_kernels(t, dtype=dtype) >= pairs
-  _check_case("pallas_gpu", case)
-
-
-@pytest.mark.parametrize("t,limit,dtype,pairs", [
-    (256, 256, jnp.bfloat16, True), (320, 256, jnp.bfloat16, False),  # past the limit: the walk
-    (200, 256, jnp.bfloat16, False),                                  # not whole tiles
-    (128, 0, jnp.bfloat16, False),                                    # switched off
-    (128, 256, jnp.float32, False),                                   # float32 inputs
-])
-def test_gpu_pair_backward_runs_where_it_applies(monkeypatch, t, limit, dtype, pairs):
-  monkeypatch.setattr(pallas_gpu, "PAIR_BACKWARD_TOKENS", limit)
-  names = _gpu_backward_kernels(t, dtype=dtype)
-  assert ("gla_bwd_pair_dq" in names) == pairs
-  assert ("gla_bwd" in names) == (not pairs)
-
-
 def test_tpu_kernel_has_no_races():
   primals, cotangents = _inputs(0, 1, 150, 2, 16, 32, jnp.float32, False)
   params = pltpu.InterpretParams(detect_races=True, num_cores_or_threads=2)
@@ -266,31 +215,6 @@ def test_forward_and_backward_lower(backend, platform, dtype, reverse):
 def test_block_size_fills_the_last_wave_of_backward_programs(n_chunks, sequences, expected):
   """Worked by hand with 264 program slots (an H100: 132 SMs x 2 backward programs)."""
   assert pallas_gpu.block_chunks_for(n_chunks, sequences, slots=264) == expected
-
-
-@pytest.mark.parametrize("reverse", [False, True])
-def test_gpu_pair_backward_lowers(reverse):
-  """The pair-form backward's two kernels lower for CUDA, unpacked and packed."""
-  b, t, h, kd, vd = 2, 256, 3, 32, 64
-  spec = lambda shape, dt=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dt)
-
-  def loss(q, k, v, g, h0):
-    o, ht = chunk_gla(q, k, v, g, initial_state=h0, output_final_state=True, reverse=reverse,
-                      backend="pallas_gpu")
-    return jnp.sum(o.astype(jnp.float32)) + jnp.sum(ht)
-
-  def packed_loss(qkv, g):
-    o, _ = chunk_gla_packed(qkv, g, reverse=reverse, backend="pallas_gpu")
-    return jnp.sum(o.astype(jnp.float32))
-
-  for f, args in ((loss, (spec((b, t, h, kd)), spec((b, t, h, kd)), spec((b, t, h, vd)),
-                          spec((b, t, h, kd), jnp.float32), spec((b, h, kd, vd), jnp.float32))),
-                  (packed_loss, (spec((b, t, h * (2 * kd + vd))),
-                                 spec((b, t, h, kd), jnp.float32)))):
-    text = jax.jit(jax.grad(f, argnums=range(len(args)))).trace(*args).lower(
-        lowering_platforms=("cuda",)).as_text()
-    assert "gla_bwd_pair_dkv" in text and "gla_bwd_pair_dq" in text
-    assert "gla_chunk_states" not in text
 
 
 def test_gpu_sequence_blocks_lower():

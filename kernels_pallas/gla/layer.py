@@ -66,9 +66,8 @@ def gla_layer(y, gate_kernel, gate_bias, norm_scale, out_kernel, *, heads: int, 
       (in y's dtype).
     column_scan: (h, w) with h * w = T: y's tokens are an h x w grid in raster order and GLA
       scans them column by column (DiG's transposed layers); the output is in y's raster
-      order. The GPU path reads the tokens in that order in place (`reads_column_scan_in_place`),
-      except for short sequences whose backward runs in pair form in scan order; others
-      transpose y and the output.
+      order. The GPU path reads the tokens in that order in place (`reads_column_scan_in_place`);
+      others transpose y and the output.
     backend: chunk_gla's; output_backend: gated_norm_linear's. With both on the GPU kernels
       (and shapes they take) the layer's one-VJP backward runs; otherwise the composition.
   Returns [N, T, D] in y's dtype.
@@ -88,12 +87,6 @@ def gla_layer(y, gate_kernel, gate_bias, norm_scale, out_kernel, *, heads: int, 
     raise ValueError(f"gla_layer: gate kernel must be [{rank}, {heads * key_dim}] and bias "
                      f"[{heads * key_dim}], got {gate_kernel.shape} and {gate_bias.shape}")
   if _one_vjp_applies(y, layout, backend, output_backend):
-    if _transposes_for_pairs(y, layout):
-      out = gla_layer(transpose_grid(y, column_scan), gate_kernel, gate_bias, norm_scale,
-                      out_kernel, heads=heads, key_dim=key_dim, value_dim=value_dim,
-                      gate_normalizer=gate_normalizer, reverse=reverse, eps=eps,
-                      backend=backend, output_backend=output_backend, interpret=interpret)
-      return transpose_grid(out, column_scan[::-1])
     args = (y, gate_kernel, gate_bias, norm_scale, out_kernel)
     run = lambda *a: (_fused(*a, layout, interpret),)
     mesh = batch_sharding.ambient_mesh(y.shape[0])
@@ -124,16 +117,7 @@ def reads_column_scan_in_place(y, *, heads: int, key_dim: int, value_dim: int,
   caller that can transpose a narrower array before the input projection should do so when
   this is False. y: an array or a ShapeDtypeStruct [N, T, W]."""
   layout = Layout(heads, key_dim, value_dim, 16.0, False, 1e-6, tuple(column_scan))
-  return (_one_vjp_applies(y, layout, backend, output_backend)
-          and not _transposes_for_pairs(y, layout))
-
-
-def _transposes_for_pairs(y, layout):
-  """A column scan whose sequence, transposed to scan order, gets the GLA backward in pair form
-  (`gla_gpu.pair_backward_takes`): transposing measured faster than the walk reading the
-  columns in place (BENCHMARKS.md)."""
-  return (layout.column_scan is not None
-          and gla_gpu.pair_backward_takes(y.shape[1], jnp.dtype(y.dtype)))
+  return _one_vjp_applies(y, layout, backend, output_backend)
 
 
 def _one_vjp_applies(y, layout, backend, output_backend):

@@ -97,9 +97,6 @@ BWD_PROGRAMS_PER_SM = 2
 # DiG-S/2 at 16k tokens a step). Measured cost: 8-11 % of the kernel's fwd+bwd time on an H100
 # (BENCHMARKS.md). False keeps the forward's states.
 RECOMPUTE_STATES = True
-# Sequences of at most this many tokens (one block, whole tiles of pair_bwd.TILE, scanned in
-# raster order) take the backward in pair form (pair_bwd.py) instead of the walk; 0: never.
-PAIR_BACKWARD_TOKENS = 256
 # The forward and chunk-state walks split V into tiles while batch x heads x blocks is below
 # this many programs (`v_tiles`).
 V_TILE_PROGRAMS = 128
@@ -170,16 +167,6 @@ def _blocks(n_chunks, sequences, block_chunks, chunk):
   size = block_chunks or BLOCK_CHUNKS or block_chunks_for(n_chunks, sequences, chunk)
   size = max(1, min(size, n_chunks))
   return size, -(-n_chunks // size)
-
-
-def pair_backward_takes(t, dtype):
-  """Whether the backward of T tokens in scan order (no column_scan) with inputs of `dtype`
-  runs in pair form (pair_bwd.py); callers with a column scan can transpose to get it."""
-  from kernels_pallas.gla import pair_bwd  # it builds on this module
-  if t % CHUNK:
-    return False
-  one_block = _blocks(t // CHUNK, 1, None, CHUNK)[1] == 1
-  return one_block and pair_bwd.applies(t, None, PAIR_BACKWARD_TOKENS, dtype)
 
 
 def column_scan_ok(column_scan, t, chunk=CHUNK):
@@ -369,7 +356,7 @@ def _tuning():
   tells settings apart: without it, a variant traced after the default at the same shapes
   silently reused the default's kernels (a bench or test setting these changed nothing)."""
   freeze = lambda x: tuple(sorted(x.items())) if isinstance(x, dict) else x
-  return freeze(NUM_WARPS), freeze(NUM_STAGES), V_TILE_PROGRAMS, PAIR_BACKWARD_TOKENS
+  return freeze(NUM_WARPS), freeze(NUM_STAGES), V_TILE_PROGRAMS
 
 
 def _compiler_params(name):
@@ -558,7 +545,6 @@ def _packed_bwd_kernel(*refs, heads, kd, vd, into, **kw):
 def _backward(q, k, v, g, do, residuals, dht, into, *, scale, reverse, chunk, size, diag,
               column_scan, store, packed, interpret, tuning):
   del tuning  # a cache key only (`_tuning`)
-  from kernels_pallas.gla import pair_bwd  # it builds on this module
   states, s_out, lam = residuals  # states: entering each chunk if stored, else each block
   b, t, h, kd, vd = _dims(g, v, packed)
   n_chunks = t // chunk
@@ -567,12 +553,6 @@ def _backward(q, k, v, g, do, residuals, dht, into, *, scale, reverse, chunk, si
                 diag=diag, column_scan=column_scan)
   f32 = jnp.float32
   qk, vs = _seq_spec(t, kd), _seq_spec(t, vd)
-  if nb == 1 and pair_bwd.applies(t, column_scan, PAIR_BACKWARD_TOKENS,
-                                            v.dtype):
-    h0 = states[:, :, 0] if store else states[:, :, :, 0]
-    dgc = jnp.sum(s_out * dht[:, :, :, None], axis=-1).transpose(0, 1, 3, 2)[:, :, :, None, :]
-    return pair_bwd.backward(q, k, v, g, do, h0, dht, dgc, into, scale=scale, reverse=reverse,
-                             packed=packed, interpret=interpret)
   if not store:
     states = _chunk_states(k, v, g, states, chunk=chunk, n_chunks=n_chunks, size=size,
                            reverse=reverse, diag=diag, column_scan=column_scan, packed=packed,
