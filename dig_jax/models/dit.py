@@ -47,7 +47,7 @@ class DiTBlock(nnx.Module):
                pallas_interpret: bool = False, rngs: nnx.Rngs):
     # The adaLN norms run the same kernels as DiG's (kernels_pallas.adaln), so the two models
     # differ only in token mixing, MLP and conv.
-    self.norm_backend, self.pallas_interpret = elementwise_backend, pallas_interpret
+    self.elementwise_backend, self.pallas_interpret = elementwise_backend, pallas_interpret
     self.modulation = layers.AdaLNModulation(hidden, 6, dtype=dtype, rngs=rngs)
     self.attn = SelfAttention(hidden, num_heads, dtype=dtype, implementation=attention_impl,
                               rngs=rngs)
@@ -59,7 +59,7 @@ class DiTBlock(nnx.Module):
     return x + gate2[:, None] * self.mlp(self._norm(x, shift2, scale2))
 
   def _norm(self, x, shift, scale):
-    return layer_norm_modulate(x, shift, scale, backend=self.norm_backend,
+    return layer_norm_modulate(x, shift, scale, backend=self.elementwise_backend,
                                interpret=self.pallas_interpret)
 
 
