@@ -89,6 +89,7 @@ _SETTINGS = {"C": "CHUNK", "D": "DIAG", "L": "BLOCK_CHUNKS", "S": "RECOMPUTE_STA
              "N": "NUM_STAGES", "T": "V_TILE_PROGRAMS"}
 _WARPS_OF = {"W": "default", "F": "gla_fwd", "B": "gla_bwd"}  # warps: all, forward, backward
 _FORWARD_WALKS = ("gla_fwd", "gla_fwd_states")  # letter P: their pipelining stages
+_REGISTERS_OF = {"R": "gla_bwd", "Q": "gla_fwd"}  # register caps: backward / forward walk
 
 
 def _variant_fn(variant):
@@ -97,8 +98,9 @@ def _variant_fn(variant):
   S (1: the backward recomputes the per-chunk states, 0: the forward stores them),
   N (software-pipelining stages of every kernel's chunk loop), P (stages of the two forward
   walks only), W (warps of every kernel), F / B (warps of the forward / backward output
-  kernel), T (programs below which the forward walks split V), each followed by a number,
-  e.g. C64D16B8; or old=PATH."""
+  kernel), T (programs below which the forward walks split V), R / Q (register cap of the
+  backward walk / the forward output walk), each followed by a number,
+  e.g. C64D16B8 or R168; or old=PATH."""
   if variant.startswith("old="):
     import importlib.util
     spec = importlib.util.spec_from_file_location("pallas_gpu_old", variant[4:])
@@ -112,19 +114,23 @@ def _variant_fn(variant):
       return o
     return "pallas_gpu (old)", f, {}
   parts = re.findall(r"([A-Z])(\d+)", variant)
-  letters = sorted({**_SETTINGS, **_WARPS_OF, "P": None})
+  letters = sorted({**_SETTINGS, **_WARPS_OF, **_REGISTERS_OF, "P": None})
   if not parts or "".join(a + b for a, b in parts) != variant or any(
       a not in letters for a, _ in parts):
     raise ValueError(f"unknown variant {variant!r}: expected letters {letters} "
                      f"each with a number (e.g. C64D16W8), or old=PATH")
-  settings, warps = {}, {}
+  settings, warps, registers = {}, {}, {}
   for letter, number in parts:
     if letter in _WARPS_OF:
       warps[_WARPS_OF[letter]] = int(number)
+    elif letter in _REGISTERS_OF:
+      registers[_REGISTERS_OF[letter]] = int(number)
     elif letter != "P":
       settings[_SETTINGS[letter]] = int(number)
   if warps:
     settings["NUM_WARPS"] = warps
+  if registers:
+    settings["MAX_REGISTERS"] = registers
   for letter, number in parts:
     if letter == "P":  # on top of N's or the module's stages
       stages = settings.get("NUM_STAGES", pallas_gpu.NUM_STAGES)

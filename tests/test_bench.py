@@ -292,6 +292,8 @@ def test_kernel_bench_variants_set_and_restore_gpu_settings():
   assert pallas_gpu.BLOCK_CHUNKS is None
   assert kbench._variant_fn("N3S0")[2] == {"NUM_STAGES": 3, "RECOMPUTE_STATES": 0}
   assert kbench._variant_fn("T512")[2] == {"V_TILE_PROGRAMS": 512}
+  assert kbench._variant_fn("R168Q128")[2] == {"MAX_REGISTERS": {"gla_bwd": 168,
+                                                                 "gla_fwd": 128}}
   stages = kbench._variant_fn("P2")[2]["NUM_STAGES"]
   others = {k: v for k, v in stages.items() if k not in ("gla_fwd", "gla_fwd_states")}
   assert (stages["gla_fwd"], stages["gla_fwd_states"]) == (2, 2) and 2 not in others.values()

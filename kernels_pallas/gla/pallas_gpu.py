@@ -75,6 +75,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from kernels_pallas import register_cap
 from kernels_pallas.gla import block_carry, chunk_math
 
 CHUNK = 16  # measured on H100: 16 beats 32, which beat 64 (BENCHMARKS.md)
@@ -86,6 +87,11 @@ NUM_WARPS = 4  # warps per program: an int, or {kernel name or "default": warps}
 # forward walks; at chunk 16 they also speed up the forward walks (forward -11 to -19 % at
 # T >= 4096, fwd+bwd -3 to -8 % in two runs).
 NUM_STAGES = 3
+# Registers per thread a kernel may use (None: the compiler's choice), same form as NUM_WARPS;
+# Triton's `ttg.maxnreg`, set by kernels_pallas.register_cap (a capped kernel's name ends in
+# `_maxnreg<cap>`). None by measurement: capping the backward walk at 168 (3 programs per SM)
+# made whole DiG steps 0.4-2 % slower on an H100 (spills; BENCHMARKS.md, session 16).
+MAX_REGISTERS = None
 # Chunks per sequence block; None: `block_chunks_for` below. Tests set it to force many blocks.
 BLOCK_CHUNKS = None
 # Backward-walk programs (`gla_bwd`: 255 registers x 4 warps) an SM runs at once (ncu on an
@@ -351,12 +357,12 @@ def _for_kernel(setting, name, default):
 
 
 def _tuning():
-  """The settings the kernels read while traced (warps, pipelining stages, V tiles), as a
+  """The settings the kernels read while traced (warps, stages, V tiles, register caps), as a
   hashable value. `_forward` and `_backward` take it as a static argument, so jit's cache
   tells settings apart: without it, a variant traced after the default at the same shapes
   silently reused the default's kernels (a bench or test setting these changed nothing)."""
   freeze = lambda x: tuple(sorted(x.items())) if isinstance(x, dict) else x
-  return freeze(NUM_WARPS), freeze(NUM_STAGES), V_TILE_PROGRAMS
+  return freeze(NUM_WARPS), freeze(NUM_STAGES), V_TILE_PROGRAMS, freeze(MAX_REGISTERS)
 
 
 def _compiler_params(name):
@@ -373,9 +379,13 @@ def v_tiles(programs, vd):
 
 
 def _call(kernel, grid, in_specs, out_specs, out_shape, name, interpret, aliases=None):
+  cap = _for_kernel(MAX_REGISTERS, name, None)
+  if cap is not None:
+    register_cap.install()
   return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs,
                         out_shape=out_shape, compiler_params=_compiler_params(name),
-                        input_output_aliases=aliases or {}, interpret=interpret, name=name)
+                        input_output_aliases=aliases or {}, interpret=interpret,
+                        name=register_cap.capped_name(name, cap))
 
 
 # Per-block states are kept as [B, H, K, NB, V] (blocks next to V): the carry across blocks
