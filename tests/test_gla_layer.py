@@ -46,8 +46,10 @@ def _rel_rms(a, b):
 
 
 def _value_and_grads(fn, args, dout):
-  out, vjp = jax.vjp(fn, *args)
-  return out, vjp(dout.astype(out.dtype))
+  def value_and_grads(*args):
+    out, vjp = jax.vjp(fn, *args)
+    return out, vjp(dout.astype(out.dtype))
+  return jax.jit(value_and_grads)(*args)  # jit: interpret-mode kernels run compiled, not op by op
 
 
 def _layer(backend, output_backend, reverse=False):
