@@ -57,13 +57,8 @@ class _CappingLowering:
     return result
 
 
-def _registration():
-  from jax._src.pallas.triton import pallas_call_registration
-  return pallas_call_registration
-
-
 def install() -> None:
   """Route Pallas-Triton's lowering through the cap (idempotent)."""
-  module = _registration()
-  if not isinstance(module.lowering, _CappingLowering):
-    module.lowering = _CappingLowering(module.lowering)
+  from jax._src.pallas.triton import pallas_call_registration as registration
+  if not isinstance(registration.lowering, _CappingLowering):
+    registration.lowering = _CappingLowering(registration.lowering)

@@ -42,8 +42,7 @@ def _triton_modules(lowered) -> dict[str, dict[str, str]]:
       module = ir.Module.parse(ir.StringAttr(config["ir"]).value_bytes)
       attributes = module.operation.attributes
       modules[ir.StringAttr(config["name"]).value] = {
-          name: str(attributes[name]) for name in
-          [attributes[i].name for i in range(len(attributes))]}
+          attributes[i].name: str(attributes[i].attr) for i in range(len(attributes))}
   return modules
 
 
