@@ -1,7 +1,14 @@
 """Shared pytest set-up: CPU only, quiet logs, helpers to randomise parameters."""
 import os
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# XLA's compiled programs are kept on disk and shared by the test workers and every subprocess
+# they start (which inherit the variable): many tests train the same tiny model in a new
+# process, and a process that finds its step compiled starts in 8 s instead of 22 s.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(REPO, ".pytest_cache", "xla_compilation_cache"))
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -21,9 +28,6 @@ def randomize_params(model, seed: int = 0, scale: float = 0.1):
 def rng():
   import numpy as np
   return np.random.default_rng(0)
-
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_config(**train_overrides):
