@@ -198,12 +198,15 @@ def test_remat_keeps_gradients_and_wraps_every_block(family, remat):
   def grads(model):
     graphdef, params = nnx.split(model, nnx.Param)
     loss = lambda p: jnp.sum(nnx.merge(graphdef, p)(x, t, y) ** 2)
-    return jax.grad(loss)(params), jax.make_jaxpr(jax.grad(loss))(params)
+    # jit: one compiled program instead of op by op (half the time); XLA fuses the two
+    # programs differently, so entries near zero differ by float32 rounding of the array's scale
+    return jax.jit(jax.grad(loss))(params), jax.make_jaxpr(jax.grad(loss))(params)
 
   (plain, plain_jaxpr), (remat_grads, remat_jaxpr) = grads(build("none")), grads(build(remat))
   assert _count_remat(plain_jaxpr.jaxpr) == 0 and _count_remat(remat_jaxpr.jaxpr) == 3
   for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(remat_grads)):
-    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
+    a, b = np.asarray(a), np.asarray(b)
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5 * np.max(np.abs(a)))
 
 
 def test_wrong_input_shape_is_refused():
