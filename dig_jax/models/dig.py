@@ -44,7 +44,8 @@ class SwiGLU(nnx.Module):
     # The barrier keeps XLA from rewriting a matmul with a joined operand as two matmuls and a
     # copy of their outputs into one array (a precaution: measured only with the custom VJP).
     kernel = jax.lax.optimization_barrier(kernel.astype(dtype))
-    return jnp.dot(x.astype(dtype), kernel, precision=self.gate.precision)
+    return layers.over_rows(lambda rows: jnp.dot(rows, kernel, precision=self.gate.precision),
+                            x.astype(dtype))
 
 
 def _identity_depthwise(key, shape, dtype=jnp.float32):

@@ -24,10 +24,11 @@ class SelfAttention(nnx.Module):
 
   def __call__(self, x):
     n, t, d = x.shape
-    q, k, v = jnp.split(self.qkv(x).reshape(n, t, 3, self.num_heads, d // self.num_heads), 3, axis=2)
+    qkv = layers.over_rows(self.qkv, x).reshape(n, t, 3, self.num_heads, d // self.num_heads)
+    q, k, v = jnp.split(qkv, 3, axis=2)
     o = jax.nn.dot_product_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0],
                                      implementation=self.implementation)
-    return self.proj(o.reshape(n, t, d))
+    return layers.over_rows(self.proj, o.reshape(n, t, d))
 
 
 class Mlp(nnx.Module):
@@ -38,7 +39,8 @@ class Mlp(nnx.Module):
                           dtype=dtype, rngs=rngs)
 
   def __call__(self, x):
-    return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
+    mlp = lambda rows: self.fc2(jax.nn.gelu(self.fc1(rows), approximate=True))
+    return layers.over_rows(mlp, x)
 
 
 class DiTBlock(nnx.Module):

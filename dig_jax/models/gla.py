@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dig_jax.models import layers
 from kernels_pallas.gla.layer import gla_layer, reads_column_scan_in_place, transpose_grid
 
 HEAD_KEY_DIM = 32  # key_dim = D/2 and value_dim = D, so every DiG size has d_k 32, d_v 64
@@ -79,7 +80,8 @@ class GatedLinearAttention(nnx.Module):
     low-rank forget-gate input, side by side: the five bias-free linears of x as one matmul
     (x is read once; the backward has one dx matmul, not five and a sum). The parameters stay
     five separate kernels, as in the reference."""
-    layers = self._projection_layers()
-    kernel = jnp.concatenate([layer.kernel[...] for layer in layers], axis=1)
+    kernel = jnp.concatenate([layer.kernel[...] for layer in self._projection_layers()], axis=1)
     dtype = self.q_proj.dtype or jnp.result_type(x, kernel)  # as nnx.Linear promotes
-    return jnp.dot(x.astype(dtype), kernel.astype(dtype), precision=self.q_proj.precision)
+    return layers.over_rows(lambda rows: jnp.dot(rows, kernel.astype(dtype),
+                                                 precision=self.q_proj.precision),
+                            x.astype(dtype))

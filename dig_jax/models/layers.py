@@ -96,6 +96,15 @@ def unpatchify(x, patch: int, channels: int):
   return x.transpose(0, 1, 3, 2, 4, 5).reshape(n, h * patch, w * patch, channels)
 
 
+def over_rows(linear, x):
+  """`linear` (a function of [M, D] -> [M, F]) applied to x [..., D] as one matmul over its
+  rows. The same product, but its weight gradient is then a plain 2-D matmul: XLA's CPU backend
+  ran the N-D form's weight gradient (a transposed copy and a slow dot) about 3x slower (the
+  demo's step -29 %); on an H100 whole training steps time the same (BENCHMARKS.md)."""
+  y = linear(x.reshape(-1, x.shape[-1]))
+  return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
 class AdaLNModulation(nnx.Module):
   """SiLU -> Linear(D, k*D), zero-initialised (adaLN-Zero); returns k chunks of [N, D]."""
 
@@ -119,7 +128,7 @@ class FinalLayer(nnx.Module):
 
   def __call__(self, x, c):
     shift, scale = self.modulation(c)
-    return self.linear(modulate(layer_norm(x), shift, scale))
+    return over_rows(self.linear, modulate(layer_norm(x), shift, scale))
 
 
 def check_image_size(input_size, patch: int) -> tuple[int, int]:
