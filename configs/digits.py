@@ -7,8 +7,8 @@ The recipe was picked by a sweep of 16 variants on a GPU (scripts/tune_demo.py w
 scripts/demo_variants.txt; results in BENCHMARKS.md "Demo recipe"): for the same CPU time, a
 96-wide single-head model trained for more steps beats the 128-wide one, and AdamW with
 b2 = 0.99 and a cosine decay learns the class signal much sooner than a constant rate. 4,500
-steps take about 11 minutes on two CPU cores; the samples are then legible digits of the
-requested class (README "Demo results").
+steps take 11-18 minutes on two CPU cores, depending on the machine; the samples are then
+legible digits of the requested class (README "Demo results").
 """
 from ml_collections import config_dict
 
