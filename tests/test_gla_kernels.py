@@ -205,11 +205,15 @@ def test_forward_and_backward_lower(backend, platform, dtype, reverse):
 
 @pytest.mark.parametrize("n_chunks,sequences,expected", [
     (16, 384, 16),    # DiG-S/2 256 px, batch 64: one block (no state passes) whatever the waves
-    (784, 6, 13),     # 1792 px, batch 1: 294 programs of 16 = 2 waves (32 steps); 366 of 13: 26
-    (1024, 6, 16),    # 2048 px, batch 1: 64 blocks already; 12 would take 24 steps but 86 blocks
+    (784, 6, 18),     # 1792 px, batch 1: 294 programs of 16 = 2 waves (32 steps); 366 of 13:
+                      # 26; 264 of 18: one wave (18)
+    (784, 12, 13),    # batch 2: 732 of 13 = 3 waves (39); one wave would need 36 chunks
+    (1024, 6, 24),    # 2048 px, batch 1: 64 blocks of 16 = 2 waves (32); 12 would take 24 steps
+                      # but 86 blocks; 258 programs of 24: one wave (24)
     (576, 6, 14),     # 1536 px: 42 blocks of 14 = 252 programs, one wave of 14 steps
     (64, 96, 13),     # 512 px, batch 16: 480 programs of 13, 2 waves (26); of 16: 2 waves (32)
-    (1024, 16, 16),   # XL/2 2048 px: 64 blocks already, so no smaller size (4 waves of 16)
+    (1024, 16, 16),   # XL/2 2048 px: 64 blocks already, so no smaller size (4 waves of 16),
+                      # and one wave would need 64 chunks a block
     (2048 * 16, 1, 256),  # 128 blocks at most: the base doubles to 256; 128 programs of 256
 ])
 def test_block_size_fills_the_last_wave_of_backward_programs(n_chunks, sequences, expected):

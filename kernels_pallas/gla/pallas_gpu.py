@@ -142,10 +142,13 @@ def block_chunks_for(n_chunks, sequences, chunk=CHUNK, slots=None):
   base's count) that minimises waves x chunks per program: the backward walk runs `slots`
   programs at a time (BWD_PROGRAMS_PER_SM per SM), each as long as its chunks, so 294
   programs of 16 chunks on 264 slots take two full waves (32 chunk steps) where 366 of 13
-  take 26. Measured on an H100
-  (BENCHMARKS.md): a DiG-S/2 training step -5 % at 1792 px, -2 % at 512 px, -1 % at 1024 px;
-  blocks below 3/4 base, or more than 64 of them, lost to the longer pass over blocks (measured
-  when that pass was XLA's; block_carry.py has since replaced it)."""
+  take 26 (ties: the larger). Sizes up to 2 base compete too where they make the backward
+  one wave: 264 programs of 18 take 18 steps. (Longer blocks that still leave several waves
+  lose what they save to the forward walks, whose waves they lengthen: DiG-XL/2 at 2048 px.)
+  Measured on an H100 (BENCHMARKS.md): a DiG-S/2 training step -5 % at 1792 px, -2 % at 512 px,
+  -1 % at 1024 px against 16-chunk blocks; blocks below 3/4 base, or more than 64 of them, lost
+  to the longer pass over blocks (measured when that pass was XLA's; block_carry.py has since
+  replaced it); one wave of longer blocks (session 17): -2.4 % at 1792 px, -2.7 % at 2048 px."""
   base = max(1, 256 // chunk)
   while -(-n_chunks // base) > 128:
     base *= 2
@@ -158,7 +161,8 @@ def block_chunks_for(n_chunks, sequences, chunk=CHUNK, slots=None):
 
   most = max(64, -(-n_chunks // base))  # more blocks: the pass costs what the waves save
   sizes = [s for s in range(base, -(-3 * base // 4) - 1, -1) if -(-n_chunks // s) <= most]
-  return min(sizes, key=chunk_steps)  # ties: the larger
+  one_wave = [s for s in range(base + 1, 2 * base + 1) if sequences * -(-n_chunks // s) <= slots]
+  return min(sizes + one_wave[:1], key=chunk_steps)  # ties: the first
 
 
 def _sm_count():
