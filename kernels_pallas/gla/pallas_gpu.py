@@ -15,8 +15,9 @@ row or column sum broadcast back over the tile needs explicit layouts. BENCHMARK
 likely next step for the backward.
 
 Design (sequence split, as fla's chunk_h_split): the scan-ordered chunks of one (batch, head)
-are grouped into blocks of L chunks (L = `block_chunks_for`: 192-256 tokens, sized by waves of
-backward programs, longer for very long sequences), and every
+are grouped into blocks of L chunks (L = `block_chunks_for`: 192-256 tokens, up to 512 where
+that makes the backward one wave, sized by waves of backward programs, longer for very long
+sequences), and every
 kernel runs one program per (batch, head, block), so a long sequence gives the GPU many short
 serial chains instead of one long one (the first version walked all T/C chunks of a head in
 one program: at T = 4096 that left most SMs idle, BENCHMARKS.md).
