@@ -196,8 +196,8 @@ def test_column_scan_lowers_for_cuda(monkeypatch):
   monkeypatch.setattr(pallas_gpu, "BLOCK_CHUNKS", 4)  # several blocks: every kernel runs
   text = jax.jit(jax.grad(loss, argnums=range(5))).trace(*args).lower(
       lowering_platforms=("cuda",)).as_text()
-  for name in ("gla_fwd_states", "gla_states_entering", "gla_fwd", "gla_chunk_states",
-               "gla_bwd_states", "gla_dstates_leaving", "gla_bwd"):
+  for name in ("gla_fwd_states", "gla_states_entering", "gla_fwd", "gla_states_pass",
+               "gla_dstates_leaving", "gla_bwd"):
     assert name in text, name
   # the column order is read in place: no transposed copy of a [N, T, ...] array
   jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=range(5)))(*args)

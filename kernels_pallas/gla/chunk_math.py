@@ -223,3 +223,17 @@ def dstate_update(q, g, do, dstate, *, scale, reverse, ops):
   dt = _Precision.of(q.dtype, ops)
   eq, _, decay = _chunk_decays(g, reverse, ops)
   return decay * dstate + _tn(q.astype(f32) * eq, scale * do.astype(f32), dt, sums=True)
+
+
+def states_pass_update(q, k, v, g, do, state, dstate, decay_before, *, scale, reverse, ops):
+  """One chunk of the backward's pass over a block in scan order: the state after the chunk
+  (as `state_update`), and this chunk's queries' share of the gradient of the state entering
+  the block, summed in scan order: dstate + decay_before * (q * exp(G)).T @ do, decay_before
+  [K, 1] being the block's decay before this chunk (returned times the chunk's). Summed that
+  way, the share equals `dstate_update` walked over the block in reverse from zero."""
+  dt = _Precision.of(q.dtype, ops)
+  eq, ek, decay = _chunk_decays(g, reverse, ops)
+  state = decay * state + _tn(k.astype(f32) * ek, v, dt, sums=True)
+  share = _tn(q.astype(f32) * eq, scale * do.astype(f32), dt, sums=True)
+  return state, dstate + decay_before * share, decay_before * decay
+

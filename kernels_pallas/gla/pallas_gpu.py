@@ -35,8 +35,11 @@ Forward, when there is more than one block:
    them from S_in with `gla_chunk_states` (a state-only walk over k, v, g), so that all layers'
    residuals hold S_in (1/L of the states) rather than 4 K V / C bytes per token; with
    RECOMPUTE_STATES = False `gla_fwd` stores them instead.
-Backward, likewise: `gla_bwd_states` (each block's queries' contribution to the gradient of the
-state entering it), `gla_dstates_leaving` for the gradient of the state leaving each block
+Backward, likewise: each block's queries' contribution to the gradient of the state entering
+it, from `gla_states_pass` (one walk in scan order that also recomputes the chunk states:
+two short serial chains in one stream, measured 22-33 % less kernel time than the two walks
+apart, BENCHMARKS.md) or, with stored states, from `gla_bwd_states` (a reverse walk over q, g,
+do); `gla_dstates_leaving` for the gradient of the state leaving each block
 (the same masked product, reversed) and the gate's carry at each block's end, then `gla_bwd`,
 walking each block's chunks in reverse scan order with chunk_math.backward. The gate
 gradient's carry from later tokens needs no pass over the sequence: at a block's end it equals
@@ -275,6 +278,27 @@ def _chunk_states_kernel(k_ref, v_ref, g_ref, s_in_ref, states_ref, *, chunk, n_
                                    state, reverse=reverse, ops=OPS)
 
   walk.forward(step, s_in_ref[...])
+
+
+def _states_pass_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, s_in_ref, states_ref, w_ref, *,
+                        chunk, n_chunks, size, nv, scale, reverse, diag, column_scan):
+  """`_chunk_states_kernel` and `_bwd_states_kernel` as one walk in scan order: the state
+  entering every chunk, and the block's queries' share of the gradient of the state entering
+  the block (summed forward, chunk_math.states_pass_update). Both walks are short serial
+  chains at these sizes; one stream of both costs less than two."""
+  walk = _Walk(pl.program_id(2) // nv, n_chunks, size, chunk, reverse, diag, column_scan)
+
+  def step(n, carry):
+    idx, rows = walk.rows(n)
+    states_ref[idx] = carry[0]
+    return chunk_math.states_pass_update(
+        q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], walk.gates(g_ref, rows),
+        do_ref[rows, :], *carry, scale=scale, reverse=reverse, ops=OPS)
+
+  kd = k_ref.shape[-1]
+  _, w, _ = walk.forward(step, (s_in_ref[...], jnp.zeros(w_ref.shape, jnp.float32),
+                                jnp.ones((kd, 1), jnp.float32)))
+  w_ref[...] = w
 
 
 def _bwd_states_kernel(q_ref, g_ref, do_ref, w_ref, *, chunk, n_chunks, size, scale, reverse,
@@ -522,6 +546,26 @@ def _chunk_states(k, v, g, s_in, *, chunk, n_chunks, size, reverse, diag, column
       interpret)(k, v, g, s_in)
 
 
+def _states_pass(q, k, v, g, do, s_in, *, chunk, n_chunks, size, scale, reverse, diag,
+                 column_scan, packed, interpret):
+  """(state entering every chunk [B, H, NC, K, V], each block's queries' share of the
+  gradient of the state entering it [B, H, K, NB, V]) in one kernel, `gla_states_pass`."""
+  b, t, h, kd, vd = _dims(g, v, packed)
+  nb = -(-n_chunks // size)
+  nv = v_tiles(b * h * nb, vd)
+  q_spec, k_spec, v_spec = _qkv_specs(t, kd, vd, packed, nv)
+  f32 = jnp.float32
+  return _call(
+      functools.partial(_states_pass_kernel, chunk=chunk, n_chunks=n_chunks, size=size, nv=nv,
+                        scale=scale, reverse=reverse, diag=diag, column_scan=column_scan),
+      (b, h, nb * nv),
+      [q_spec, k_spec, v_spec, _seq_spec(t, kd), _seq_spec(t, vd, nv), _state_spec(kd, vd, nv)],
+      [_chunk_states_spec(n_chunks, kd, vd, nv), _state_spec(kd, vd, nv)],
+      [jax.ShapeDtypeStruct((b, h, n_chunks, kd, vd), f32),
+       jax.ShapeDtypeStruct((b, h, kd, nb, vd), f32)], "gla_states_pass",
+      interpret)(q, k, v, g, do, s_in)
+
+
 def backward(q, k, v, g, do, residuals, dht, dg0, *, scale, reverse, packed_vd=None,
              column_scan=None, into=None, interpret=False):
   """Returns (dq, dk, dv, dg, dh0); with `packed_vd` (as in `forward`): (dqkv, dg, dh0), dqkv
@@ -568,7 +612,11 @@ def _backward(q, k, v, g, do, residuals, dht, into, *, scale, reverse, chunk, si
                 diag=diag, column_scan=column_scan)
   f32 = jnp.float32
   qk, vs = _seq_spec(t, kd), _seq_spec(t, vd)
-  if not store:
+  w_local = None  # each block's queries' share of the gradient of the state entering it
+  if not store and nb > 1:
+    states, w_local = _states_pass(q, k, v, g, do, states, **common, packed=packed,
+                                   interpret=interpret)
+  elif not store:
     states = _chunk_states(k, v, g, states, chunk=chunk, n_chunks=n_chunks, size=size,
                            reverse=reverse, diag=diag, column_scan=column_scan, packed=packed,
                            interpret=interpret)
@@ -578,7 +626,8 @@ def _backward(q, k, v, g, do, residuals, dht, into, *, scale, reverse, chunk, si
     ds_out = dht[:, :, :, None]
     dgc = jnp.sum(s_out * ds_out, axis=-1).transpose(0, 1, 3, 2)[:, :, :, None, :]
   else:
-    w_local = _bwd_block_states(q, g, do, **common, packed=packed, interpret=interpret)
+    if w_local is None:
+      w_local = _bwd_block_states(q, g, do, **common, packed=packed, interpret=interpret)
     ds_out, dgc = block_carry.dstates_leaving(w_local, lam, dht, s_out, interpret=interpret)
   if packed:
     kernel = functools.partial(_packed_bwd_kernel, heads=h, kd=kd, vd=vd,
