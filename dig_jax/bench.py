@@ -20,13 +20,14 @@ By default every configuration runs in its own subprocess, so that its peak memo
 and an OOM or a crash cannot disturb the next one (`--in_process` runs them all in this process;
 then peaks are cumulative). Separate processes of the same code can differ by 10 % or more in
 step time (small steps: the gaps between ~1,000 kernels); `--interleave R` then also times each
-resolution's configurations side by side in one process, in R rounds that alternate between
+resolution's (and batch's) configurations side by side in one process, in R rounds that alternate between
 them, and reports those step times and DiG/DiT ratios too. Does not import the data pipeline
 (grain, tfds, ml_collections).
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import math
 import os
@@ -96,6 +97,17 @@ def parse_resolutions(spec: str, patches) -> list[int]:
   return out
 
 
+def parse_batches(spec: str) -> list[int]:
+  """"" -> [] (the default batch per resolution); "1,2,4" -> [1, 2, 4]."""
+  out = []
+  for item in filter(None, (x.strip() for x in spec.split(","))):
+    if not item.isdigit() or int(item) < 1:
+      raise ValueError(f"--batch: {item!r} is not a whole number of images >= 1 (give one "
+                       f"batch, or several as 1,2,4)")
+    out.append(int(item))
+  return out
+
+
 def default_batch(px: int, patch: int) -> int:
   tokens = (px // 8 // patch) ** 2
   return max(1, min(MAX_DEFAULT_BATCH, TOKENS_PER_BATCH // tokens))
@@ -109,11 +121,12 @@ def make_configs(args) -> list[dict]:
   bad = set(attentions) - set(DIT_ATTENTION)
   if bad or not attentions:
     raise ValueError(f"--dit_attention: unknown {sorted(bad)}; expected some of {DIT_ATTENTION}")
+  batches = parse_batches(args.batch)
   configs = []
   for px in resolutions:
-    for name in models:
+    for batch, name in ((b, n) for b in batches or [0] for n in models):
       patch = int(name.split("/")[1])
-      batch = args.batch or default_batch(px, patch)
+      batch = batch or default_batch(px, patch)
       impls = [args.gla_backend] if name.startswith("DiG") else attentions
       for impl in impls:
         extra = {"elementwise_backend": args.elementwise_backend}
@@ -610,8 +623,12 @@ def plot(rows: list[dict], path: str):
 
   fig, (ax_speed, ax_mem) = plt.subplots(1, 2, figsize=(12, 4.5))
   series = {}
+  # one line per batch too where a model runs several batches at one resolution
+  per_point = collections.Counter((r["model"], r["impl"], r["px"]) for r in rows)
+  several = max(per_point.values(), default=0) > 1
   for r in rows:
-    series.setdefault(f"{r['model']} ({r['impl']})", []).append(r)
+    label = f"{r['model']} ({r['impl']})" + (f", batch {r['batch']}" if several else "")
+    series.setdefault(label, []).append(r)
   for label, rs in series.items():
     rs = sorted(rs, key=lambda r: r["px"])
     ok = [r for r in rs if r.get("status") == "ok"]
@@ -668,13 +685,14 @@ def _write_json(args, info, rows):
 
 def _interleave(args, measured, say):
   """Adds same-process step times to the rows measured fine alone: one process per resolution
-  (and mode) runs that resolution's configurations side by side (`run_interleaved`)."""
+  and batch (and mode) runs those configurations side by side (`run_interleaved`)."""
   groups = {}
   for row, config in measured:
     if row.get("status") == "ok":
-      groups.setdefault((config["px"], _mode(config)), []).append((row, config))
-  for (px, _), members in groups.items():
-    say(f"side by side: {px} px, {len(members)} configurations x {args.interleave} rounds ...")
+      groups.setdefault((config["px"], config["batch"], _mode(config)), []).append((row, config))
+  for (px, batch, _), members in groups.items():
+    say(f"side by side: {px} px, batch {batch}, {len(members)} configurations x "
+        f"{args.interleave} rounds ...")
     configs = [c for _, c in members]
     if args.in_process:
       results = run_interleaved(configs, args.interleave)
@@ -701,9 +719,12 @@ def build_parser():
   parser.add_argument("--resolutions", default=",".join(map(str, RESOLUTIONS)),
                       help="comma-separated image sizes in px (latent = px / 8); "
                            "default %(default)s")
-  parser.add_argument("--batch", type=int, default=0,
-                      help="images per step; default: 16384 tokens' worth, from 1 to 64 "
-                           "(64 at 256 px with patch 2, 4 at 1024, 1 from 1536)")
+  parser.add_argument("--batch", default="",
+                      help="images per step, or several (1,2,4,8: every resolution at each, "
+                           "ratios per batch); default: 16384 tokens' worth, from 1 to 64 "
+                           "(64 at 256 px with patch 2, 4 at 1024, 1 from 1536). A model whose "
+                           "step does not fill the GPU at the default gains from a larger one "
+                           "(BENCHMARKS.md: DiG-S/2 at 1792 px)")
   parser.add_argument("--mode", default="train", choices=("train", "sample"),
                       help="time the training step (train) or a guided denoising step of "
                            "sampling (sample); default %(default)s")
@@ -770,7 +791,7 @@ def main(argv=None):
   args = parser.parse_args(argv)
   if args.worker:
     return _worker(args.worker)
-  for flag in ("steps", "warmup", "batch", "depth", "hidden_size", "interleave"):
+  for flag in ("steps", "warmup", "depth", "hidden_size", "interleave"):
     if getattr(args, flag) < (1 if flag == "steps" else 0):
       parser.error(f"--{flag} must be {'>= 1' if flag == 'steps' else '>= 0'}")
   if not 2 <= args.sample_steps <= 1000:

@@ -309,3 +309,21 @@ def test_kernel_bench_variants_set_and_restore_gpu_settings():
   with pytest.raises(AttributeError, match="NUM_WRAPS"):  # a misspelt setting is refused
     with module_settings(pallas_gpu, {"NUM_WRAPS": 8}):
       pass
+
+
+def test_several_batches_give_rows_and_ratios_per_batch(tmp_path):
+  """--batch 2,3: every model at each batch, DiG/DiT ratios paired by batch, one plot line per
+  model and batch; a bad batch is named in the error."""
+  png = tmp_path / "batches.png"
+  tiny = ["--resolutions", "64", "--steps", "1", "--warmup", "0", "--depth", "1",
+          "--hidden_size", "64", "--matmul_size", "128", "--in_process", "--dit_attention", "xla"]
+  rows = bench.main(["--models", "DiG-S/8,DiT-S/8", "--batch", "2,3", "--plot", str(png), *tiny])
+  assert [(r["model"], r["batch"], r["status"]) for r in rows] == [
+      ("DiG-S/8", 2, "ok"), ("DiT-S/8", 2, "ok"), ("DiG-S/8", 3, "ok"), ("DiT-S/8", 3, "ok")]
+  for dig, dit in ((rows[0], rows[1]), (rows[2], rows[3])):
+    assert dig["dig_speed_vs_dit_xla"] == pytest.approx(dig["images_per_s"] / dit["images_per_s"])
+  assert png.stat().st_size > 0
+  for bad in ("0", "2,x", "-1"):
+    with pytest.raises(SystemExit):
+      bench.main(["--models", "DiG-S/8", "--batch", bad, *tiny])
+  assert bench.parse_batches("") == [] and bench.parse_batches(" 4, 8 ") == [4, 8]
