@@ -32,7 +32,8 @@ Forward, when there is more than one block:
 3. `gla_fwd`: outputs, from S_in, walking the block's chunks with chunk_math.forward (the
    intra-chunk scores: see "In-chunk scheme" below), and the state leaving the block. The
    backward needs the state entering every chunk: by default (RECOMPUTE_STATES) it recomputes
-   them from S_in with `gla_chunk_states` (a state-only walk over k, v, g), so that all layers'
+   them from S_in with `gla_chunk_states` (a state-only walk over k, v, g; with several blocks
+   the same walk inside `gla_states_pass`, below), so that all layers'
    residuals hold S_in (1/L of the states) rather than 4 K V / C bytes per token; with
    RECOMPUTE_STATES = False `gla_fwd` stores them instead.
 Backward, likewise: each block's queries' contribution to the gradient of the state entering
