@@ -589,7 +589,7 @@ def table(rows: list[dict]) -> str:
       status = r.get("status", "error")
       detail = "" if status == "OOM" else f" ({r.get('error', '')[:60]})"
       lines.append(f"| {r['model']} | {_impl(r)} | {r['px']} | {r['batch']} | {status}{detail} "
-                   f"| {'| ' if together else ''}| {_fmt(r.get('peak_gib'), '.2f')} | "
+                   f"| {'| ' if together else ''}| {_peak(r)} | "
                    f"{r.get('max_batch', '-')} | {_gflops(r):.4g} | | | |")
       continue
     ratio = ""
@@ -602,10 +602,18 @@ def table(rows: list[dict]) -> str:
               else f"{r['interleave_error'][:40]} | ")
     lines.append(
         f"| {r['model']} | {_impl(r)} | {r['px']} | {r['batch']} | {r['images_per_s']:.2f} | "
-        f"{r['step_ms']:.1f} | {same}{_fmt(r.get('peak_gib'), '.2f')} | "
+        f"{r['step_ms']:.1f} | {same}{_peak(r)} | "
         f"{r.get('max_batch', '-')} | {_gflops(r):.4g} | {r['achieved_tflops']:.3g} | "
         f"{'-' if mfu is None else f'{100 * mfu:.1f}%'} | {ratio} |")
+  if any(r.get("peak_cumulative") for r in rows):
+    lines.append("\n* peak of the whole process so far (--in_process): at least the configuration's "
+                 "own peak, more where an earlier configuration's was higher")
   return "\n".join(lines)
+
+
+def _peak(row: dict) -> str:
+  """Peak GiB, starred where it is the process's peak so far (--in_process)."""
+  return _fmt(row.get("peak_gib"), ".2f") + ("*" if row.get("peak_cumulative") else "")
 
 
 def _ratio(row: dict, key: str) -> str:
@@ -635,7 +643,7 @@ def plot(rows: list[dict], path: str):
     style = dict(marker="o", linestyle="-" if label.startswith("DiG") else "--")
     line, = ax_speed.plot([r["px"] for r in ok], [r["images_per_s"] for r in ok], label=label,
                           **style)
-    mem = [r for r in ok if r.get("peak_gib") is not None]
+    mem = [r for r in ok if r.get("peak_gib") is not None and not r.get("peak_cumulative")]
     ax_mem.plot([r["px"] for r in mem], [r["peak_gib"] for r in mem], label=label,
                 color=line.get_color(), **style)
     ooms = [r["px"] for r in rs if r.get("status") == "OOM"]
@@ -773,7 +781,8 @@ def build_parser():
                            "--steps steps; adds same-process step times and DiG/DiT ratios "
                            "(steadier than ratios of separate processes); 0: off")
   parser.add_argument("--in_process", action="store_true",
-                      help="run every configuration in this process (peaks become cumulative)")
+                      help="run every configuration in this process (peaks become cumulative: "
+                           "starred in the table, left out of the plot)")
   parser.add_argument("--timeout", type=float, default=1200,
                       help="seconds per configuration when isolated")
   parser.add_argument("--json", help="write the rows (and the run's settings) to this file")
@@ -852,12 +861,14 @@ def main(argv=None):
     if row.get("status") == "ok" and peak:
       row["mfu"] = row["achieved_tflops"] / peak
     row["matmul_tflops"] = peak
+    if args.in_process and measured and row.get("peak_gib") is not None:
+      row["peak_cumulative"] = True  # the process's peak so far, not this configuration's own
     rows.append(row)
     measured.append((row, config))
     if row.get("status") == "ok":
       say(f"    {row['images_per_s']:.2f} img/s, "
           f"{'denoising step' if args.mode == 'sample' else 'step'} {row['step_ms']:.1f} ms, peak "
-          f"{_fmt(row.get('peak_gib'), '.2f')} GiB, MFU "
+          f"{_peak(row)} GiB, MFU "
           f"{_fmt(None if row.get('mfu') is None else 100 * row['mfu'], '.1f')}% "
           f"(compile {row.get('compile_s', 0):.0f} s; {time.perf_counter() - start:.0f} s in all)")
     else:

@@ -180,6 +180,11 @@ def test_side_by_side_ratios_and_table():
   text = bench.table(rows)
   assert "| 2.00x [0.80x], 4.00x |" in text
   assert "RESOURCE_EXHAUSTED" in text and "| 20.0 |" in text
+  assert "*" not in text  # no peak given as the process's so far
+  cudnn.update(peak_gib=3.5, peak_cumulative=True)
+  dig.update(peak_gib=2.25)
+  text = bench.table(rows)
+  assert "| 2.25 |" in text and "| 3.50* |" in text and "peak of the whole process" in text
 
 
 def test_resume_keeps_measured_rows_and_adds_missing_ones(tmp_path):
