@@ -77,6 +77,33 @@ def test_gpu_kernel_sequence_blocks(monkeypatch, case, block_chunks, recompute):
   _check_case("pallas_gpu", case)
 
 
+# With one forward block, the backward may walk it as shorter blocks (`BWD_BLOCK_CHUNKS`, or
+# `backward_block_chunks` by waves): the chunk-state walk then also takes each such block's
+# gradient-state share, log-decay and leaving state, and `_carry_few` joins them.
+@pytest.mark.parametrize("case,half", [
+    ("T%C!=0, K=36 V=72, h0", 2),                 # 4 chunks: 2 + 2, final-state gradient
+    ("T<C, K=16, reverse, strong, BH=1", 1),      # 3 chunks, one per backward block, reverse
+    ("bf16 K=32 V=64, reverse, h0", 3),           # 4 chunks: 3 + 1
+])
+def test_gpu_kernel_backward_blocks_within_one_forward_block(monkeypatch, case, half):
+  monkeypatch.setattr(pallas_gpu, "BWD_BLOCK_CHUNKS", half)
+  _check_case("pallas_gpu", case)
+
+
+@pytest.mark.parametrize("n_chunks,sequences,expected", [
+    (16, 384, 8),    # DiG-S/2 256 px, batch 64: 2 waves x 16 steps -> 3 x 8
+    (16, 192, 16),   # one wave either way
+    (16, 768, 16),   # 3 x 16 against 6 x 8: no gain
+    (16, 576, 16),   # 3 x 16 against 5 x 8: 17 %, below the fifth asked for
+    (16, 1024, 16),  # DiG-XL/2 256 px (16 heads): 4 x 16 against 8 x 8
+    (1, 999, 1),
+    (3, 2, 3),       # one wave: the walk is short already, no carry added
+])
+def test_backward_block_chunks_by_waves(n_chunks, sequences, expected):
+  """Worked by hand with 264 program slots."""
+  assert pallas_gpu.backward_block_chunks(n_chunks, sequences, slots=264) == expected
+
+
 @pytest.mark.parametrize("recompute,per_chunk", [(True, False), (False, True)])
 def test_gpu_residuals_keep_block_states_only_when_recomputing(monkeypatch, recompute,
                                                                per_chunk):
@@ -237,6 +264,26 @@ def test_gpu_sequence_blocks_lower():
       lowering_platforms=("cuda",)).as_text()
   for name in ("gla_fwd_states", "gla_fwd", "gla_states_pass", "gla_bwd"):
     assert name in text, name
+
+
+def test_gpu_backward_blocks_lower():
+  """DiG-S/2 at 256 px, batch 64 (384 sequences of 16 chunks, one forward block): the backward
+  walks halves, so the chunk-state walk takes their shares and no carry kernel runs."""
+  b, t, h, kd, vd = 64, 256, 6, 32, 64
+  assert pallas_gpu.backward_block_chunks(t // pallas_gpu.CHUNK, b * h) == 8
+
+  def loss(q, k, v, g):
+    return jnp.sum(chunk_gla(q, k, v, g, backend="pallas_gpu")[0].astype(jnp.float32))
+
+  spec = lambda shape, dt=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dt)
+  args = (spec((b, t, h, kd)), spec((b, t, h, kd)), spec((b, t, h, vd)),
+          spec((b, t, h, kd), jnp.float32))
+  text = jax.jit(jax.grad(loss, argnums=range(4))).trace(*args).lower(
+      lowering_platforms=("cuda",)).as_text()
+  for name in ("gla_fwd", "gla_states_pass", "gla_bwd"):
+    assert name in text, name
+  for name in ("gla_fwd_states", "gla_chunk_states", "gla_dstates_leaving"):
+    assert name not in text, name
 
 
 def test_auto_uses_reference_on_cpu():

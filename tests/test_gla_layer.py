@@ -140,14 +140,18 @@ def _column_order(grid):
 
 
 @pytest.mark.parametrize("backends", CASES)
-@pytest.mark.parametrize("grid,reverse,block_chunks", [
-    ((32, 3), False, None), ((16, 5), True, 1), ((48, 2), True, 2)])
+@pytest.mark.parametrize("grid,reverse,block_chunks,bwd_block_chunks", [
+    ((32, 3), False, None, None), ((16, 5), True, 1, None), ((48, 2), True, 2, None),
+    ((32, 3), True, None, 2), ((48, 2), False, None, 1)])
 def test_column_scan_matches_plain_jnp_on_the_transposed_grid(monkeypatch, backends, grid,
-                                                              reverse, block_chunks):
+                                                              reverse, block_chunks,
+                                                              bwd_block_chunks):
   """column_scan = (h, w): y in raster order, the scan down the columns. Reference: plain jnp
   on the tokens gathered into column-major order by index, the output scattered back. The
-  GPU path reads the columns in place (strided chunks), across several sequence blocks."""
+  GPU path reads the columns in place (strided chunks), across several sequence blocks, or
+  one forward block walked backward as shorter ones."""
   monkeypatch.setattr(pallas_gpu, "BLOCK_CHUNKS", block_chunks)
+  monkeypatch.setattr(pallas_gpu, "BWD_BLOCK_CHUNKS", bwd_block_chunks)
   args, dout = _inputs(2, grid[0] * grid[1], seed=grid[1])
   run = lambda *a: layer.gla_layer(*a, heads=H, key_dim=K, value_dim=V, reverse=reverse,
                                    column_scan=grid, backend=backends[0],
@@ -180,6 +184,26 @@ def test_column_scan_is_read_in_place_only_where_columns_hold_whole_chunks():
                                        r"chunk \(16\)"):
     pallas_gpu.forward(*(jnp.ones((1, 96, 1, 16)),) * 4, jnp.zeros((1, 1, 16, 16)),
                        scale=0.25, reverse=False, column_scan=(24, 4), interpret=True)
+
+
+@pytest.mark.parametrize("grid", [(32, 8), (16, 16)])  # 2 chunks a column, or 1
+def test_column_scan_lowers_for_cuda_with_backward_halves(monkeypatch, grid):
+  """One forward block walked backward as halves (DiG-S/2 at 256 px): the chunk-state walk
+  over each half, with its column-scan row arithmetic, lowers for CUDA (interpret mode ran
+  where Triton's lowering of jnp's floor `%` on the loop index failed)."""
+  n, heads, kd, vd, rank = 2, 6, 32, 64, 16
+  width = heads * (2 * kd + 2 * vd) + rank
+  args = (jnp.ones((n, grid[0] * grid[1], width), jnp.bfloat16), jnp.ones((rank, heads * kd)),
+          jnp.ones((heads * kd,)), jnp.ones((vd,)), jnp.ones((heads * vd, 384)))
+  monkeypatch.setattr(pallas_gpu, "BWD_BLOCK_CHUNKS", 8)
+
+  def loss(*a):
+    return jnp.sum(layer.gla_layer(*a, heads=heads, key_dim=kd, value_dim=vd, reverse=True,
+                                   column_scan=grid, backend="pallas_gpu",
+                                   output_backend="pallas_gpu"))
+  text = jax.jit(jax.grad(loss, argnums=range(5))).trace(*args).lower(
+      lowering_platforms=("cuda",)).as_text()
+  assert "gla_states_pass" in text and "gla_dstates_leaving" not in text
 
 
 def test_column_scan_lowers_for_cuda(monkeypatch):

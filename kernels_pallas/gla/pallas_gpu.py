@@ -47,7 +47,11 @@ gradient's carry from later tokens needs no pass over the sequence: at a block's
 sum_V(S_leave * dS_leave) (state leaving the block times the gradient reaching it from later
 tokens; for the last block that is sum_V(ht * dht)).
 With one block (short sequences, or `block_chunks >= T / C`) steps 1-2 are skipped and this is
-the single-pass design of the first version.
+the single-pass design of the first version. Its backward may still walk halves of the block
+(`backward_block_chunks`: where the sequences take more than one wave of backward programs,
+as DiG-S/2's 384 at 256 px do): `gla_states_pass` then also gives each half's share,
+log-decay and leaving state, and `_carry_few` joins the halves in XLA (measured on an H100:
+fwd+bwd -19 % at DiG-S/2 256 px, BENCHMARKS.md).
 
 In-chunk scheme: chunks of 16 rows (CHUNK), each one matmul anchored at its middle row
 (chunk_math with diag = 16, DIAG). Chunks of 16 measured 11-24 % faster fwd+bwd than chunks of
@@ -99,6 +103,9 @@ NUM_STAGES = 3
 MAX_REGISTERS = None
 # Chunks per sequence block; None: `block_chunks_for` below. Tests set it to force many blocks.
 BLOCK_CHUNKS = None
+# Chunks per backward block where the forward keeps each sequence whole (one block); None:
+# `backward_block_chunks`. Tests set it to force the split.
+BWD_BLOCK_CHUNKS = None
 # Backward-walk programs (`gla_bwd`: 255 registers x 4 warps) an SM runs at once (ncu on an
 # H100); `block_chunks_for` sizes blocks so that their last wave is not mostly idle.
 BWD_PROGRAMS_PER_SM = 2
@@ -170,6 +177,24 @@ def block_chunks_for(n_chunks, sequences, chunk=CHUNK, slots=None):
   return min(sizes + one_wave[:1], key=chunk_steps)  # ties: the first
 
 
+def backward_block_chunks(n_chunks, sequences, slots=None):
+  """Chunks per backward block when the forward runs each sequence as one block of n_chunks:
+  all of them, or half where the sequences take more than one wave of backward programs and
+  halves take at least a fifth off the walk's waves x chunks per program (384 sequences of
+  16 chunks on 264 slots: two waves of 16 chunk steps, or three of 8). The halves cost a
+  share of the block gradient state in the chunk-state walk and a carry between them
+  (`_carry_few`); measured on an H100: BENCHMARKS.md."""
+  slots = slots or BWD_PROGRAMS_PER_SM * _sm_count()
+  half = -(-n_chunks // 2)
+
+  def chunk_steps(size):
+    return -(-sequences * -(-n_chunks // size) // slots) * size
+
+  if sequences > slots and n_chunks >= 2 and chunk_steps(half) <= 0.8 * chunk_steps(n_chunks):
+    return half
+  return n_chunks
+
+
 def _sm_count():
   """SMs of the first GPU; an H100's 132 where there is none (lowering for CUDA on a CPU)."""
   try:
@@ -213,8 +238,11 @@ class _Walk:
       return idx, pl.ds(pl.multiple_of(idx * self.chunk, self.chunk), self.chunk)
     h, w = self.column_scan
     per_column = h // self.chunk
-    first_row = (idx % per_column) * self.chunk
-    return idx, pl.ds(first_row * w + idx // per_column, self.chunk, stride=w)
+    # idx >= 0, so truncating division serves; jnp's floor `%` and `//` (their sign fix-ups)
+    # failed to lower for Triton on a bare loop index (`gla_states_pass` walking halves)
+    per_column = jnp.int32(per_column)
+    first_row = jax.lax.rem(idx, per_column) * self.chunk
+    return idx, pl.ds(first_row * w + jax.lax.div(idx, per_column), self.chunk, stride=w)
 
   def gates(self, g_ref, rows):
     """Log-gates of the rows, raised to the scheme's floor (chunk_math.gate_floor): done on
@@ -281,25 +309,44 @@ def _chunk_states_kernel(k_ref, v_ref, g_ref, s_in_ref, states_ref, *, chunk, n_
   walk.forward(step, s_in_ref[...])
 
 
-def _states_pass_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, s_in_ref, states_ref, w_ref, *,
-                        chunk, n_chunks, size, nv, scale, reverse, diag, column_scan):
+def _states_pass_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, s_in_ref, states_ref, w_ref,
+                        *halves_refs, chunk, n_chunks, size, nv, scale, reverse, diag,
+                        column_scan, half=None):
   """`_chunk_states_kernel` and `_bwd_states_kernel` as one walk in scan order: the state
   entering every chunk, and the block's queries' share of the gradient of the state entering
   the block (summed forward, chunk_math.states_pass_update). Both walks are short serial
-  chains at these sizes; one stream of both costs less than two."""
-  walk = _Walk(pl.program_id(2) // nv, n_chunks, size, chunk, reverse, diag, column_scan)
+  chains at these sizes; one stream of both costs less than two.
+
+  half (one block of all n_chunks only): the backward runs it as blocks of `half` chunks, so
+  the share is taken per such block (w_ref [K, NB, V]), with its log-decay and the state
+  leaving it (halves_refs: [NB, K] and [K, NB, V])."""
+  kd = k_ref.shape[-1]
 
   def step(n, carry):
     idx, rows = walk.rows(n)
     states_ref[idx] = carry[0]
-    return chunk_math.states_pass_update(
-        q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], walk.gates(g_ref, rows),
-        do_ref[rows, :], *carry, scale=scale, reverse=reverse, ops=OPS)
+    g = walk.gates(g_ref, rows)
+    *carry, lam = carry
+    return (*chunk_math.states_pass_update(
+        q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], g, do_ref[rows, :], *carry,
+        scale=scale, reverse=reverse, ops=OPS), lam + jnp.sum(g, axis=0, keepdims=True))
 
-  kd = k_ref.shape[-1]
-  _, w, _ = walk.forward(step, (s_in_ref[...], jnp.zeros(w_ref.shape, jnp.float32),
-                                jnp.ones((kd, 1), jnp.float32)))
-  w_ref[...] = w
+  def fresh(state):  # (state, share, decay before the chunk, log-decay) at a block's start
+    return (state, jnp.zeros((kd, w_ref.shape[-1]), jnp.float32), jnp.ones((kd, 1), jnp.float32),
+            jnp.zeros((1, kd), jnp.float32))
+
+  if half is None:
+    walk = _Walk(pl.program_id(2) // nv, n_chunks, size, chunk, reverse, diag, column_scan)
+    w_ref[...] = walk.forward(step, fresh(s_in_ref[...]))[1]
+    return
+  lam_ref, s_leave_ref = halves_refs
+  state = s_in_ref[...]
+  for j in range(-(-n_chunks // half)):  # static: a few blocks of one sequence
+    walk = _Walk(j, n_chunks, half, chunk, reverse, diag, column_scan)
+    state, w, _, lam = walk.forward(step, fresh(state))
+    w_ref[:, j, :] = w
+    lam_ref[pl.ds(j, 1), :] = lam
+    s_leave_ref[:, j, :] = state
 
 
 def _bwd_states_kernel(q_ref, g_ref, do_ref, w_ref, *, chunk, n_chunks, size, scale, reverse,
@@ -548,23 +595,49 @@ def _chunk_states(k, v, g, s_in, *, chunk, n_chunks, size, reverse, diag, column
 
 
 def _states_pass(q, k, v, g, do, s_in, *, chunk, n_chunks, size, scale, reverse, diag,
-                 column_scan, packed, interpret):
+                 column_scan, packed, interpret, half=None):
   """(state entering every chunk [B, H, NC, K, V], each block's queries' share of the
-  gradient of the state entering it [B, H, K, NB, V]) in one kernel, `gla_states_pass`."""
+  gradient of the state entering it [B, H, K, NB, V]) in one kernel, `gla_states_pass`.
+  half (one forward block): the shares per backward block of `half` chunks, then also their
+  log-decays [B, H, NB, 1, K] and the state leaving each [B, H, K, NB, V]."""
   b, t, h, kd, vd = _dims(g, v, packed)
   nb = -(-n_chunks // size)
   nv = v_tiles(b * h * nb, vd)
   q_spec, k_spec, v_spec = _qkv_specs(t, kd, vd, packed, nv)
   f32 = jnp.float32
+  out_specs = [_chunk_states_spec(n_chunks, kd, vd, nv), _state_spec(kd, vd, nv)]
+  out_shape = [jax.ShapeDtypeStruct((b, h, n_chunks, kd, vd), f32),
+               jax.ShapeDtypeStruct((b, h, kd, nb, vd), f32)]
+  if half is not None:
+    nbb = -(-n_chunks // half)
+    per_half = pl.BlockSpec((None, None, kd, nbb, vd // nv), lambda b, h, j: (b, h, 0, 0, j % nv))
+    out_specs = [out_specs[0], per_half,
+                 pl.BlockSpec((None, None, nbb, None, kd), lambda b, h, j: (b, h, 0, 0, 0)),
+                 per_half]
+    out_shape = [out_shape[0], jax.ShapeDtypeStruct((b, h, kd, nbb, vd), f32),
+                 jax.ShapeDtypeStruct((b, h, nbb, 1, kd), f32),
+                 jax.ShapeDtypeStruct((b, h, kd, nbb, vd), f32)]
   return _call(
       functools.partial(_states_pass_kernel, chunk=chunk, n_chunks=n_chunks, size=size, nv=nv,
-                        scale=scale, reverse=reverse, diag=diag, column_scan=column_scan),
+                        scale=scale, reverse=reverse, diag=diag, column_scan=column_scan,
+                        half=half),
       (b, h, nb * nv),
       [q_spec, k_spec, v_spec, _seq_spec(t, kd), _seq_spec(t, vd, nv), _state_spec(kd, vd, nv)],
-      [_chunk_states_spec(n_chunks, kd, vd, nv), _state_spec(kd, vd, nv)],
-      [jax.ShapeDtypeStruct((b, h, n_chunks, kd, vd), f32),
-       jax.ShapeDtypeStruct((b, h, kd, nb, vd), f32)], "gla_states_pass",
-      interpret)(q, k, v, g, do, s_in)
+      out_specs, out_shape, "gla_states_pass", interpret)(q, k, v, g, do, s_in)
+
+
+def _carry_few(w_local, lam, dht, s_leave):
+  """The gradient of the state leaving each of a few blocks, and the gate's carry at each
+  block's end (as block_carry.dstates_leaving, whose one program per key row costs more than
+  this XLA form for 2-3 blocks of many sequences: BENCHMARKS.md)."""
+  decay = jnp.exp(lam[:, :, :, 0, :])  # [B, H, NB, K]
+  ds, outs = dht, []
+  for j in reversed(range(w_local.shape[3])):
+    outs.append(ds)
+    ds = decay[:, :, j, :, None] * ds + w_local[:, :, :, j]
+  ds_out = jnp.stack(outs[::-1], axis=3)
+  dgc = jnp.sum(s_leave * ds_out, axis=-1).transpose(0, 1, 3, 2)[:, :, :, None, :]
+  return ds_out, dgc
 
 
 def backward(q, k, v, g, do, residuals, dht, dg0, *, scale, reverse, packed_vd=None,
@@ -581,8 +654,14 @@ def backward(q, k, v, g, do, residuals, dht, dg0, *, scale, reverse, packed_vd=N
     raise ValueError("gla backward: `into` needs the packed layout (packed_vd)")
   *residuals, marker = residuals
   size, chunk, diag, stored, _ = marker.shape
+  n_chunks = g.shape[1] // chunk
+  half = None
+  if stored == 1 and size >= n_chunks:  # one forward block: the backward may halve it
+    half = min(BWD_BLOCK_CHUNKS or backward_block_chunks(n_chunks, g.shape[0] * g.shape[2]),
+               n_chunks)
+    half = None if half >= n_chunks else half
   return _backward(q, k, v, g, do, tuple(residuals), dht, into, scale=scale, reverse=reverse,
-                   chunk=chunk, size=size, diag=diag,
+                   chunk=chunk, size=size, half=half, diag=diag,
                    column_scan=_checked_column_scan(column_scan, g.shape[1], chunk),
                    store=stored == 2,
                    packed=_packed(g, packed_vd), interpret=interpret,
@@ -601,9 +680,11 @@ def _packed_bwd_kernel(*refs, heads, kd, vd, into, **kw):
   _bwd_kernel(*ins, dqkv_ref, dqkv_ref, dqkv_ref, dg_ref, ds_in_ref, grad_cols=cols, **kw)
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
+@functools.partial(jax.jit, static_argnames=_STATIC + ("half",))
 def _backward(q, k, v, g, do, residuals, dht, into, *, scale, reverse, chunk, size, diag,
-              column_scan, store, packed, interpret, tuning):
+              column_scan, store, packed, interpret, tuning, half=None):
+  """half: the backward's blocks when the forward's one block is split in its backward
+  (`backward_block_chunks`)."""
   del tuning  # a cache key only (`_tuning`)
   states, s_out, lam = residuals  # states: entering each chunk if stored, else each block
   b, t, h, kd, vd = _dims(g, v, packed)
@@ -614,7 +695,13 @@ def _backward(q, k, v, g, do, residuals, dht, into, *, scale, reverse, chunk, si
   f32 = jnp.float32
   qk, vs = _seq_spec(t, kd), _seq_spec(t, vd)
   w_local = None  # each block's queries' share of the gradient of the state entering it
-  if not store and nb > 1:
+  if half is not None:  # one forward block, walked backward as blocks of `half` chunks
+    states, w_local, lam_half, s_leave = _states_pass(
+        q, k, v, g, do, states, **common, packed=packed, interpret=interpret, half=half)
+    ds_out, dgc = _carry_few(w_local, lam_half, dht, s_leave)
+    size, nb = half, -(-n_chunks // half)
+    common["size"] = size
+  elif not store and nb > 1:
     states, w_local = _states_pass(q, k, v, g, do, states, **common, packed=packed,
                                    interpret=interpret)
   elif not store:
@@ -623,7 +710,9 @@ def _backward(q, k, v, g, do, residuals, dht, into, *, scale, reverse, chunk, si
                            interpret=interpret)
   # ds_out: the gradient of the state leaving each block; dgc: the gate's gradient carry at
   # each block's end, sum_V(s_out * ds_out), [B, H, NB, 1, K]
-  if nb == 1:
+  if half is not None:
+    pass  # ds_out, dgc: above
+  elif nb == 1:
     ds_out = dht[:, :, :, None]
     dgc = jnp.sum(s_out * ds_out, axis=-1).transpose(0, 1, 3, 2)[:, :, :, None, :]
   else:
