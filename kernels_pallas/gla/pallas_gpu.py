@@ -709,13 +709,11 @@ def _backward(q, k, v, g, do, residuals, dht, into, *, scale, reverse, chunk, si
                            reverse=reverse, diag=diag, column_scan=column_scan, packed=packed,
                            interpret=interpret)
   # ds_out: the gradient of the state leaving each block; dgc: the gate's gradient carry at
-  # each block's end, sum_V(s_out * ds_out), [B, H, NB, 1, K]
-  if half is not None:
-    pass  # ds_out, dgc: above
-  elif nb == 1:
+  # each block's end, sum_V(s_out * ds_out), [B, H, NB, 1, K] (halves: both made above)
+  if half is None and nb == 1:
     ds_out = dht[:, :, :, None]
     dgc = jnp.sum(s_out * ds_out, axis=-1).transpose(0, 1, 3, 2)[:, :, :, None, :]
-  else:
+  elif half is None:
     if w_local is None:
       w_local = _bwd_block_states(q, g, do, **common, packed=packed, interpret=interpret)
     ds_out, dgc = block_carry.dstates_leaving(w_local, lam, dht, s_out, interpret=interpret)
