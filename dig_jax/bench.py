@@ -27,7 +27,6 @@ them, and reports those step times and DiG/DiT ratios too. Does not import the d
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import math
 import os
@@ -37,9 +36,11 @@ import sys
 import time
 import types
 
+from dig_jax.bench_report import (DIT_ATTENTION, add_ratios, fmt, gflops_per_image, mode,
+                                  peak_cell, plot, table)
+
 RESOLUTIONS = (256, 512, 1024, 1536, 1792, 2048)
 DEFAULT_MODELS = ("S/2", "XL/2")
-DIT_ATTENTION = ("cudnn", "xla")
 LATENT_CHANNELS = 4
 NUM_CLASSES = 1000
 TOKENS_PER_BATCH = 16384  # default batch: 64 images at 256 px (S/2), 1 at >= 1536 px
@@ -370,7 +371,7 @@ def find_max_batch(step, init_state, start: int, latent: int, limit: int,
 
 def _compiled_step(config):
   """(compiled step, initial state, input batches, parameter count) of a configuration."""
-  sampling = _mode(config) == "sample"
+  sampling = mode(config) == "sample"
   step, init_state, params_count, latent = (_build_sampler if sampling else _build)(config)
   state = init_state()
   batches = (_sample_inputs(config["batch"], config["sample_steps"]) if sampling
@@ -407,7 +408,7 @@ def run_config(config, progress=print) -> dict:
   fwd = flops.forward_flops(name, px, gla_chunk=chunk, **shape_overrides)
   row.update(step_flop_fields(config, fwd))
   sampling = row["mode"] == "sample"
-  step_flops = _gflops(row) * 1e9 * batch
+  step_flops = gflops_per_image(row) * 1e9 * batch
   if family == "DiT" and config["impl"] == "cudnn" and row["platform"] != "gpu":
     row.update(status="skipped", error="cuDNN attention needs a GPU")
     return row
@@ -480,7 +481,7 @@ def run_interleaved(configs, rounds: int, progress=print) -> list[dict]:
       results.append(dict(interleave_error=arm["error"]))
       continue
     med = statistics.median(arm["times"])
-    per_image = config["sample_steps"] if _mode(config) == "sample" else 1
+    per_image = config["sample_steps"] if mode(config) == "sample" else 1
     results.append(dict(step_ms_interleaved=med * 1e3, interleave_rounds=rounds,
                         images_per_s_interleaved=config["batch"] / med / per_image))
   return results
@@ -525,154 +526,13 @@ def _worker(payload_json: str):
   print(RESULT_TAG + json.dumps(result), flush=True)
 
 
-def add_ratios(rows: list[dict]):
-  """On each DiG row: speed and peak-memory ratios against the DiT rows of the same size,
-  resolution and batch (dig_speed_vs_dit_<impl> > 1 means DiG is faster; with `--interleave`
-  also dig_speed_vs_dit_<impl>_interleaved, from the side-by-side step times)."""
-  for r in rows:
-    if r.get("family") != "DiG" or r.get("status") != "ok":
-      continue
-    for o in rows:
-      if (o.get("family") == "DiT" and o.get("status") == "ok" and o["size"] == r["size"]
-          and o["px"] == r["px"] and o["batch"] == r["batch"]):
-        r[f"dig_speed_vs_dit_{o['impl']}"] = r["images_per_s"] / o["images_per_s"]
-        if r.get("images_per_s_interleaved") and o.get("images_per_s_interleaved"):
-          r[f"dig_speed_vs_dit_{o['impl']}_interleaved"] = (r["images_per_s_interleaved"] /
-                                                           o["images_per_s_interleaved"])
-        if r.get("peak_bytes") and o.get("peak_bytes"):
-          r[f"dig_memory_vs_dit_{o['impl']}"] = r["peak_bytes"] / o["peak_bytes"]
-      elif (o.get("family") == "DiT" and o.get("status") == "OOM" and o["size"] == r["size"]
-            and o["px"] == r["px"] and o["batch"] == r["batch"]):
-        r[f"dig_speed_vs_dit_{o['impl']}"] = "DiT OOM"
-
-
-def _fmt(x, spec):
-  return "-" if x is None else format(x, spec)
-
-
-def _impl(row: dict) -> str:
-  out = row["impl"]
-  if row.get("conv_backend", "auto") != "auto":
-    out += f", conv {row['conv_backend']}"
-  if row.get("elementwise_backend", "auto") != "auto":
-    out += f", elementwise {row['elementwise_backend']}"
-  layout = row.get("optimizer_layout", "per_leaf")  # rows from before the option: as _row_key
-  if layout != "auto" and _mode(row) == "train":
-    out += f", optimizer {layout}"
-  remat = row.get("remat", "none")
-  return out if remat == "none" else f"{out}, remat {remat}"
-
-
-def _gflops(row: dict) -> float:
-  """FLOPs per image of what one timed step does: a training step, or a denoising step."""
-  return row.get("step_gflops_per_image" if _mode(row) == "sample" else
-                 "train_gflops_per_image", 0.0)
-
-
-def _mode(row: dict) -> str:
-  return row.get("mode", "train")
-
-
-def table(rows: list[dict]) -> str:
-  sampling = any(_mode(r) == "sample" for r in rows)
-  steps = sorted({r.get("sample_steps") for r in rows if _mode(r) == "sample"})
-  together = any("step_ms_interleaved" in r or "interleave_error" in r for r in rows)
-  head = ("model", "attention", "px", "batch",
-          f"img/s ({'/'.join(map(str, steps))} steps)" if sampling else "img/s",
-          "denoising step ms" if sampling else "step ms",
-          *(("same-process step ms",) if together else ()), "peak GiB", "max batch",
-          "GFLOP/img/step" if sampling else "train GFLOP/img", "TFLOP/s", "MFU",
-          "DiG/DiT speed (cudnn, xla)" + (" [same process]" if together else ""))
-  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-  for r in rows:
-    if r.get("status") != "ok":
-      status = r.get("status", "error")
-      detail = "" if status == "OOM" else f" ({r.get('error', '')[:60]})"
-      lines.append(f"| {r['model']} | {_impl(r)} | {r['px']} | {r['batch']} | {status}{detail} "
-                   f"| {'| ' if together else ''}| {_peak(r)} | "
-                   f"{r.get('max_batch', '-')} | {_gflops(r):.4g} | | | |")
-      continue
-    ratio = ""
-    if r["family"] == "DiG":
-      ratio = ", ".join(_ratio(r, f"dig_speed_vs_dit_{i}") for i in DIT_ATTENTION)
-    mfu = r.get("mfu")
-    same = ""
-    if together:
-      same = (f"{_fmt(r.get('step_ms_interleaved'), '.1f')} | " if "interleave_error" not in r
-              else f"{r['interleave_error'][:40]} | ")
-    lines.append(
-        f"| {r['model']} | {_impl(r)} | {r['px']} | {r['batch']} | {r['images_per_s']:.2f} | "
-        f"{r['step_ms']:.1f} | {same}{_peak(r)} | "
-        f"{r.get('max_batch', '-')} | {_gflops(r):.4g} | {r['achieved_tflops']:.3g} | "
-        f"{'-' if mfu is None else f'{100 * mfu:.1f}%'} | {ratio} |")
-  if any(r.get("peak_cumulative") for r in rows):
-    lines.append("\n* peak of the whole process so far (--in_process): at least the configuration's "
-                 "own peak, more where an earlier configuration's was higher")
-  return "\n".join(lines)
-
-
-def _peak(row: dict) -> str:
-  """Peak GiB, starred where it is the process's peak so far (--in_process)."""
-  return _fmt(row.get("peak_gib"), ".2f") + ("*" if row.get("peak_cumulative") else "")
-
-
-def _ratio(row: dict, key: str) -> str:
-  """One DiG/DiT ratio cell: "0.78x", "DiT OOM" or "-", then [the same-process ratio]."""
-  v, same = row.get(key), row.get(key + "_interleaved")
-  text = "-" if v is None else v if isinstance(v, str) else f"{v:.2f}x"
-  return text if same is None else f"{text} [{same:.2f}x]"
-
-
-def plot(rows: list[dict], path: str):
-  """Images/s and peak memory against resolution, one line per model and attention."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  fig, (ax_speed, ax_mem) = plt.subplots(1, 2, figsize=(12, 4.5))
-  series = {}
-  # one line per batch too where a model runs several batches at one resolution
-  per_point = collections.Counter((r["model"], r["impl"], r["px"]) for r in rows)
-  several = max(per_point.values(), default=0) > 1
-  for r in rows:
-    label = f"{r['model']} ({r['impl']})" + (f", batch {r['batch']}" if several else "")
-    series.setdefault(label, []).append(r)
-  for label, rs in series.items():
-    rs = sorted(rs, key=lambda r: r["px"])
-    ok = [r for r in rs if r.get("status") == "ok"]
-    style = dict(marker="o", linestyle="-" if label.startswith("DiG") else "--")
-    line, = ax_speed.plot([r["px"] for r in ok], [r["images_per_s"] for r in ok], label=label,
-                          **style)
-    mem = [r for r in ok if r.get("peak_gib") is not None and not r.get("peak_cumulative")]
-    ax_mem.plot([r["px"] for r in mem], [r["peak_gib"] for r in mem], label=label,
-                color=line.get_color(), **style)
-    ooms = [r["px"] for r in rs if r.get("status") == "OOM"]
-    for ax in (ax_speed, ax_mem):
-      for px in ooms:
-        ax.axvline(px, color=line.get_color(), alpha=0.3, linestyle=":")
-  sampling = any(_mode(r) == "sample" for r in rows)
-  what = "sampling" if sampling else "training step"
-  ax_speed.set(xlabel="resolution (px)", yscale="log", title="Throughput",
-               ylabel="images / s (" + (f"sampling, {rows[0].get('sample_steps')} steps)"
-                                        if sampling else "training)"))
-  ax_mem.set(xlabel="resolution (px)", ylabel="peak device memory (GiB)", title="Peak memory")
-  for ax in (ax_speed, ax_mem):
-    ax.grid(True, alpha=0.3)
-  ax_speed.legend(fontsize=8)
-  device = next((r.get("device") for r in rows if r.get("device")), "")
-  fig.suptitle(f"DiG vs DiT {what} on {device} (dotted: OOM)")
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-
-
 def _row_key(row: dict) -> tuple:
   """What --resume matches on; a DiG row counts whatever GLA backend "auto" resolved to."""
   impl = row["impl"] if row["model"].startswith("DiT") else "gla"
-  layout = row.get("optimizer_layout", "per_leaf") if _mode(row) == "train" else None
+  layout = row.get("optimizer_layout", "per_leaf") if mode(row) == "train" else None
   return (row["model"], impl, row.get("conv_backend", "auto"),
           row.get("elementwise_backend", "auto"), row["px"], row["batch"],
-          row.get("remat", "none"), _mode(row), row.get("sample_steps"), row.get("cfg_scale"),
+          row.get("remat", "none"), mode(row), row.get("sample_steps"), row.get("cfg_scale"),
           layout)  # rows from before the option were per-leaf
 
 
@@ -697,7 +557,7 @@ def _interleave(args, measured, say):
   groups = {}
   for row, config in measured:
     if row.get("status") == "ok":
-      groups.setdefault((config["px"], config["batch"], _mode(config)), []).append((row, config))
+      groups.setdefault((config["px"], config["batch"], mode(config)), []).append((row, config))
   for (px, batch, _), members in groups.items():
     say(f"side by side: {px} px, batch {batch}, {len(members)} configurations x "
         f"{args.interleave} rounds ...")
@@ -868,8 +728,8 @@ def main(argv=None):
     if row.get("status") == "ok":
       say(f"    {row['images_per_s']:.2f} img/s, "
           f"{'denoising step' if args.mode == 'sample' else 'step'} {row['step_ms']:.1f} ms, peak "
-          f"{_peak(row)} GiB, MFU "
-          f"{_fmt(None if row.get('mfu') is None else 100 * row['mfu'], '.1f')}% "
+          f"{peak_cell(row)} GiB, MFU "
+          f"{fmt(None if row.get('mfu') is None else 100 * row['mfu'], '.1f')}% "
           f"(compile {row.get('compile_s', 0):.0f} s; {time.perf_counter() - start:.0f} s in all)")
     else:
       say(f"    {row.get('status')}: {row.get('error', '')}")

@@ -1,7 +1,6 @@
 """dig_jax.flops against independent counts; the dig_jax.bench CLI end to end on CPU."""
 import json
 import math
-import os
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +9,7 @@ import pytest
 from flax import nnx
 
 from conftest import run_cli
-from dig_jax import bench, flops
+from dig_jax import bench, bench_report, flops
 from kernels_pallas.gla.api import unpack_qkv
 from dig_jax.models import create_model
 from kernels_pallas.settings import module_settings
@@ -174,16 +173,16 @@ def test_side_by_side_ratios_and_table():
   xla = dict(base, model="DiT-S/2", family="DiT", impl="xla", images_per_s=1600.0,
              interleave_error="RESOURCE_EXHAUSTED: out of memory")
   rows = [dig, cudnn, xla]
-  bench.add_ratios(rows)
+  bench_report.add_ratios(rows)
   assert dig["dig_speed_vs_dit_cudnn"] == 2.0 and dig["dig_speed_vs_dit_cudnn_interleaved"] == 0.8
   assert dig["dig_speed_vs_dit_xla"] == 4.0 and "dig_speed_vs_dit_xla_interleaved" not in dig
-  text = bench.table(rows)
+  text = bench_report.table(rows)
   assert "| 2.00x [0.80x], 4.00x |" in text
   assert "RESOURCE_EXHAUSTED" in text and "| 20.0 |" in text
   assert "*" not in text  # no peak given as the process's so far
   cudnn.update(peak_gib=3.5, peak_cumulative=True)
   dig.update(peak_gib=2.25)
-  text = bench.table(rows)
+  text = bench_report.table(rows)
   assert "| 2.25 |" in text and "| 3.50* |" in text and "peak of the whole process" in text
 
 
@@ -222,7 +221,7 @@ def test_sample_mode_times_the_guided_sampler_step(tmp_path):
                               gla_chunk=r.get("gla_chunk", 32))
     assert r["step_gflops_per_image"] == pytest.approx(2 * fwd / 1e9)
     assert np.isfinite(r["x_rms"]) and r["x_rms"] > 0
-  assert "denoising step ms" in bench.table(rows) and "img/s (50 steps)" in bench.table(rows)
+  assert "denoising step ms" in bench_report.table(rows) and "img/s (50 steps)" in bench_report.table(rows)
   unguided = bench.main(["--models", "DiT-S/8", *tiny, "--cfg_scale", "1"])
   assert unguided[0]["step_gflops_per_image"] == pytest.approx(
       rows[1]["step_gflops_per_image"] / 2)
