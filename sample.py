@@ -5,11 +5,18 @@
       --steps 50 --npz samples.npz
 
 Defaults for --cfg_scale, --sampler and --steps come from the run's config (config.sample).
-Writes a PNG grid with one row per class and, with --npz, the images as uint8 NHWC (arr_0) with
-their labels (arr_1), the layout the ADM evaluator reads. Runs trained on VAE latents
-(configs/imagenet.py) are decoded to pixels with the VAE at --vae (default: config.vae.path).
+Writes a PNG grid with one row per class (at most 32 classes x 16 images) and, with --npz, all
+the images as uint8 NHWC (arr_0) with their labels (arr_1), the layout the ADM evaluator and
+`python -m dig_jax.evaluate.fid` read. Batches of --batch_size images per device run on every
+local device at once. Runs trained on VAE latents (configs/imagenet.py) are decoded to pixels
+with the VAE at --vae (default: config.vae.path).
+
+With --npz, finished batches are also kept in <npz>.partial.npz (every --save_every_s seconds,
+and when interrupted by Ctrl-C or SIGTERM); the same command run again continues from there.
+For FID-50K: --classes all --num_per_class 50 --npz samples.npz.
 """
 import os
+import signal
 import sys
 
 from absl import app, flags, logging
@@ -29,11 +36,18 @@ flags.DEFINE_integer("seed", 0, "Random seed.")
 flags.DEFINE_integer("batch_size", 64, "Images generated per device batch.")
 flags.DEFINE_bool("ema", True, "Use the EMA weights (--noema for the raw ones).")
 flags.DEFINE_string("out", None, "PNG grid path; default: <workdir>/samples/step_<N>.png.")
-flags.DEFINE_string("npz", None, "Also write the images and labels to this .npz file.")
+flags.DEFINE_string("npz", None, "Also write the images and labels to this .npz file "
+                    "(resumable: see <npz>.partial.npz).")
+flags.DEFINE_float("save_every_s", 300.0, "With --npz: seconds between saves of the finished "
+                   "batches to <npz>.partial.npz.")
 flags.DEFINE_string("vae", None, "Latent-space runs: the SD VAE folder (config.json + "
                     "diffusion_pytorch_model.safetensors) that decodes samples to pixels; "
                     "default: the run's config.vae.path.")
 flags.mark_flag_as_required("workdir")
+
+
+def _interrupt_on_sigterm(signum, frame):
+  raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main(argv):
@@ -43,32 +57,57 @@ def main(argv):
     logging.set_verbosity(logging.ERROR)  # Orbax warns about read-only managers
   import numpy as np
   from dig_jax import sample as S
+  from dig_jax.partial_samples import PartialSamples
   f = flags.FLAGS
   if f.num_per_class < 1:
     sys.exit(f"error: --num_per_class={f.num_per_class}; expected >= 1")
   if f.step is not None and f.step < 0:
     sys.exit(f"error: --step={f.step}; expected a checkpoint step >= 0")
+  if f.batch_size < 1:
+    sys.exit(f"error: --batch_size={f.batch_size}; expected >= 1")
+  store = None
+  signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
   try:
     config, model, step = S.load_run(f.workdir, f.step, ema=f.ema)
     classes = S.parse_classes(f.classes, model.num_classes)
     vae = S.load_decoder(config, f.vae)  # before sampling: a bad path fails fast
     labels = np.repeat(np.asarray(classes, np.int32), f.num_per_class)
-    images = S.generate(
-        model, labels, num_timesteps=config.diffusion.num_timesteps,
+    settings = dict(
         sampler=f.sampler or config.sample.sampler, steps=f.steps or config.sample.steps,
         cfg_scale=config.sample.cfg_scale if f.cfg_scale is None else f.cfg_scale,
-        eta=f.eta, seed=f.seed, batch_size=f.batch_size, guidance_channels=f.guidance_channels,
-        learn_sigma=config.model.learn_sigma)
-    if vae is not None:
-      images = S.decode_latents(vae, images, config.data.latent_scale, batch_size=f.batch_size)
+        eta=f.eta, seed=f.seed, guidance_channels=f.guidance_channels)
+    first_batch, done = 0, []
+    if f.npz:
+      store = PartialSamples(
+          f.npz, labels, S.images_per_batch(len(labels), f.batch_size),
+          dict(workdir=os.path.abspath(f.workdir), step=step, ema=f.ema, vae=vae is not None,
+               **settings), save_every_s=f.save_every_s)
+      first_batch = store.resume()
+      if first_batch:
+        print(f"Resuming from {store.partial_path}: {store.count} of {len(labels)} images done")
+    for _, x in S.generate_batches(model, labels, num_timesteps=config.diffusion.num_timesteps,
+                                   batch_size=f.batch_size, learn_sigma=config.model.learn_sigma,
+                                   first_batch=first_batch, **settings):
+      if vae is not None:
+        x = S.decode_latents(vae, x, config.data.latent_scale, batch_size=f.batch_size,
+                             progress=False)
+      (store.add if store else done.append)(S.to_uint8(x))
   except (ValueError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")
-  images = S.to_uint8(images)
+  except KeyboardInterrupt:
+    if store is None or not store.count:
+      sys.exit("interrupted: nothing saved")
+    store.save()
+    sys.exit(f"interrupted: {store.count} of {len(labels)} images saved in "
+             f"{store.partial_path}; run the same command again to continue")
+  images = store.finish() if store else np.concatenate(done)
   out = f.out or os.path.join(f.workdir, "samples", f"step_{step}.png")
-  S.save_grid(images, len(classes), out)
-  print(f"Wrote a {len(classes)}x{f.num_per_class} grid from step {step} to {out}")
+  grid, rows = S.grid_subset(images, len(classes), f.num_per_class)
+  S.save_grid(grid, rows, out)
+  cols = len(grid) // rows
+  shown = "" if len(grid) == len(images) else f" (the first {cols} images of {rows} classes)"
+  print(f"Wrote a {rows}x{cols} grid from step {step} to {out}{shown}")
   if f.npz:
-    np.savez(f.npz, arr_0=images, arr_1=labels)
     print(f"Wrote {len(images)} images and labels to {f.npz}")
 
 

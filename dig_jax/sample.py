@@ -1,6 +1,7 @@
 """Class-conditional sampling from a trained run: load a checkpoint, generate, write grid / npz."""
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
@@ -64,22 +65,37 @@ def parse_classes(text: str, num_classes: int) -> list[int]:
   return classes
 
 
-def generate(model, labels: np.ndarray, *, num_timesteps: int, sampler: str = "ddpm",
-             steps: int = 250, cfg_scale: float = 1.5, eta: float = 0.0, seed: int = 0,
-             batch_size: int = 64, guidance_channels: int | None = None,
-             learn_sigma: bool = True) -> np.ndarray:
-  """Samples one image per label; returns float32 NHWC in the model's data range ([-1, 1])."""
+def images_per_batch(num_images: int, batch_size: int) -> int:
+  """Images per sampling batch: `batch_size` per device, over every device; a request smaller
+  than one such batch is not padded up to it."""
+  devices = jax.device_count()
+  return min(batch_size, -(-num_images // devices)) * devices
+
+
+def generate_batches(model, labels: np.ndarray, *, num_timesteps: int, sampler: str = "ddpm",
+                     steps: int = 250, cfg_scale: float = 1.5, eta: float = 0.0, seed: int = 0,
+                     batch_size: int = 64, guidance_channels: int | None = None,
+                     learn_sigma: bool = True, first_batch: int = 0):
+  """Yields (batch index, float32 NHWC samples in the model's range [-1, 1]) for `labels`, in
+  batches of `batch_size` images per device, each batch split over every device (parameters
+  replicated); batch i draws its noise from fold_in(key(seed), i), so a run resumed at
+  `first_batch` continues as it would have. The last batch is padded to one compiled shape."""
   if sampler not in SAMPLERS:
     raise ValueError(f"sampler {sampler!r}; expected one of {SAMPLERS}")
   if steps < 1 or steps > num_timesteps:
     raise ValueError(f"steps={steps}; expected 1..{num_timesteps}")
   if cfg_scale < 1.0:
     raise ValueError(f"cfg_scale={cfg_scale}; expected >= 1.0 (1.0 disables guidance)")
+  if batch_size < 1:
+    raise ValueError(f"batch_size={batch_size}; expected >= 1")
   schedule = create_schedule(num_timesteps, steps)
   shape = (*model.image_size, model.in_channels)
+  mesh = sharding.make_mesh()
+  per_batch = images_per_batch(len(labels), batch_size)
   graphdef, params = nnx.split(model)
+  params = jax.device_put(params, sharding.replicated(mesh))
 
-  @jax.jit
+  @functools.partial(jax.jit, out_shardings=sharding.batch_sharding(mesh))
   def sample_batch(params, y, key):
     net = nnx.merge(graphdef, params)
     model_fn = cfg_model_fn(net, y, model.num_classes, cfg_scale,
@@ -89,15 +105,21 @@ def generate(model, labels: np.ndarray, *, num_timesteps: int, sampler: str = "d
       return ddim_sample(model_fn, schedule, (y.shape[0], *shape), key, eta=eta, **kwargs)
     return ddpm_sample(model_fn, schedule, (y.shape[0], *shape), key, **kwargs)
 
-  out = []
-  starts = range(0, len(labels), batch_size)
-  for i, start in enumerate(tqdm(starts, desc=f"sampling ({sampler}, {steps} steps)", unit="batch")):
-    y = labels[start:start + batch_size]
-    pad = batch_size - len(y) if len(labels) > batch_size else 0  # one compiled shape
-    y_full = np.concatenate([y, np.zeros(pad, y.dtype)])
-    x = sample_batch(params, jnp.asarray(y_full), jax.random.fold_in(jax.random.key(seed), i))
-    out.append(np.asarray(x)[:len(y)])
-  return np.concatenate(out)
+  batches = range(first_batch, -(-len(labels) // per_batch))
+  for i in tqdm(batches, desc=f"sampling ({sampler}, {steps} steps, {mesh.size} device"
+                f"{'s' if mesh.size > 1 else ''})", unit="batch", initial=first_batch,
+                total=len(batches) + first_batch):
+    y = labels[i * per_batch:(i + 1) * per_batch]
+    y_full = np.concatenate([y, np.zeros(per_batch - len(y), y.dtype)])
+    y_full = jax.device_put(y_full, sharding.batch_sharding(mesh))
+    with jax.set_mesh(mesh):  # the Pallas kernels run per device shard (batch_sharding.py)
+      x = sample_batch(params, y_full, jax.random.fold_in(jax.random.key(seed), i))
+    yield i, np.asarray(x, np.float32)[:len(y)]
+
+
+def generate(model, labels: np.ndarray, **kwargs) -> np.ndarray:
+  """All of `generate_batches` at once: float32 NHWC in the model's data range ([-1, 1])."""
+  return np.concatenate([x for _, x in generate_batches(model, labels, **kwargs)])
 
 
 def load_decoder(config, vae_path: str | None = None):
@@ -116,13 +138,14 @@ def load_decoder(config, vae_path: str | None = None):
   return vae
 
 
-def decode_latents(vae, latents: np.ndarray, scale: float, *, batch_size: int = 16) -> np.ndarray:
+def decode_latents(vae, latents: np.ndarray, scale: float, *, batch_size: int = 16,
+                   progress: bool = True) -> np.ndarray:
   """Model-space latents (VAE latents * `scale`) -> float32 NHWC pixels, about [-1, 1]."""
   graphdef, params = nnx.split(vae)
   decode = jax.jit(lambda params, z: nnx.merge(graphdef, params).decode(z / scale))
   out = []
   for start in tqdm(range(0, len(latents), batch_size), desc="decoding with the VAE",
-                    unit="batch"):
+                    unit="batch", disable=not progress):
     z = latents[start:start + batch_size]
     pad = np.zeros((batch_size - len(z), *z.shape[1:]), z.dtype)  # one compiled shape
     out.append(np.asarray(decode(params, np.concatenate([z, pad])), np.float32)[:len(z)])
@@ -131,6 +154,17 @@ def decode_latents(vae, latents: np.ndarray, scale: float, *, batch_size: int = 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
   return np.clip(np.round((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+GRID_MAX_ROWS, GRID_MAX_COLUMNS = 32, 16  # a readable PNG, whatever the number of samples
+
+
+def grid_subset(images: np.ndarray, num_classes: int, per_class: int) -> tuple[np.ndarray, int]:
+  """(images, rows) of the grid: the first GRID_MAX_COLUMNS images of each of the first
+  GRID_MAX_ROWS classes of a class-major sample set."""
+  rows, cols = min(num_classes, GRID_MAX_ROWS), min(per_class, GRID_MAX_COLUMNS)
+  grid = images[:rows * per_class].reshape(rows, per_class, *images.shape[1:])[:, :cols]
+  return grid.reshape(rows * cols, *images.shape[1:]), rows
 
 
 def save_grid(images_uint8: np.ndarray, rows: int, path: str, *, pad: int = 2):

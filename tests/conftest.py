@@ -61,15 +61,15 @@ def run_cli(*args, timeout=600):
                         timeout=timeout)
 
 
-def run_on_8_devices(script: str) -> dict:
-  """Runs tests/<script> in a subprocess with 8 fake CPU devices; returns the JSON object its
-  last output line prints (asserting that it exited cleanly)."""
+def run_on_8_devices(script: str, *args: str) -> dict:
+  """Runs tests/<script> (with `args`) in a subprocess with 8 fake CPU devices; returns the JSON
+  object its last output line prints (asserting that it exited cleanly)."""
   import json
   import subprocess
   import sys
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
              JAX_PLATFORMS="cpu")
-  out = subprocess.run([sys.executable, os.path.join(REPO, "tests", script)], env=env,
+  out = subprocess.run([sys.executable, os.path.join(REPO, "tests", script), *args], env=env,
                        capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   return json.loads(out.stdout.strip().splitlines()[-1])

@@ -70,3 +70,77 @@ def test_missing_or_empty_workdir(tmp_path):
     load_run(str(tmp_path))
   result = run_cli("sample.py", "--workdir", str(tmp_path / "nope"))
   assert result.returncode != 0 and "error: workdir" in result.stderr
+
+
+def test_sampling_over_8_devices_matches_one(tiny_run, tmp_path):
+  """Batches split over 8 devices (one image each) give the images of one device doing the same
+  batches of 8: the noise of a batch does not depend on how it is laid out."""
+  from sharded_sample_check import LABELS
+  from conftest import run_on_8_devices
+  from dig_jax.sample import generate
+  out = str(tmp_path / "eight.npy")
+  assert run_on_8_devices("sharded_sample_check.py", tiny_run, out) == {"devices": 8,
+                                                                         "per_batch": 8}
+  _, model, _ = load_run(tiny_run)
+  one = generate(model, LABELS, num_timesteps=1000, sampler="ddpm", steps=3, cfg_scale=2.0,
+                 seed=5, batch_size=8)
+  eight = np.load(out)
+  assert eight.shape == one.shape == (12, 32, 32, 1) and one.std() > 0.1
+  np.testing.assert_allclose(eight, one, atol=2e-4)
+
+
+def test_interrupted_sampling_resumes_to_the_same_images(tiny_run, tmp_path):
+  """SIGTERM mid-run keeps the finished batches in <npz>.partial.npz; the same command then
+  finishes the run with the images an uninterrupted one makes."""
+  import signal
+  import subprocess
+  import sys
+  import time
+  from conftest import REPO
+  from dig_jax.sample import generate, to_uint8
+  npz = str(tmp_path / "s.npz")
+  args = [sys.executable, "sample.py", "--workdir", tiny_run, "--classes", "all",
+          "--num_per_class", "40", "--batch_size", "1", "--steps", "2", "--sampler", "ddpm",
+          "--cfg_scale", "2.0", "--seed", "3", "--npz", npz, "--out", str(tmp_path / "g.png"),
+          "--save_every_s", "0"]
+  proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+  deadline = time.monotonic() + 300
+  while not os.path.exists(npz + ".partial.npz") and proc.poll() is None:
+    assert time.monotonic() < deadline
+    time.sleep(0.01)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode != 0 and "run the same command again to continue" in err, err[-2000:]
+  with np.load(npz + ".partial.npz") as f:
+    done = len(f["arr_0"])
+  assert 0 < done < 400 and not os.path.exists(npz)
+  # another run's settings are refused, and its partial file left as it was
+  other = subprocess.run([*args[:-4], "--seed", "4", *args[-4:]], cwd=REPO, capture_output=True,
+                         text=True)
+  assert other.returncode != 0 and "partial run with other settings" in other.stderr
+  resumed = subprocess.run(args, cwd=REPO, capture_output=True, text=True)
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  assert f"Resuming from {npz}.partial.npz: {done} of 400 images done" in resumed.stdout
+  assert not os.path.exists(npz + ".partial.npz")
+  _, model, _ = load_run(tiny_run)
+  labels = np.repeat(np.arange(10), 40)
+  expected = to_uint8(generate(model, labels, num_timesteps=1000, sampler="ddpm", steps=2,
+                               cfg_scale=2.0, seed=3, batch_size=1))
+  with np.load(npz) as f:
+    np.testing.assert_array_equal(f["arr_1"], labels)
+    diff = np.abs(f["arr_0"].astype(int) - expected)
+  assert diff.max() <= 1 and (diff == 0).mean() > 0.999
+
+
+def test_grid_subset_keeps_the_first_images_of_the_first_classes():
+  from dig_jax.sample import GRID_MAX_COLUMNS, GRID_MAX_ROWS, grid_subset
+  classes, per_class = GRID_MAX_ROWS + 3, GRID_MAX_COLUMNS + 2
+  index = np.arange(classes * per_class)  # image i is class i // per_class, column i % per_class
+  images = index.reshape(-1, 1, 1, 1)
+  grid, rows = grid_subset(images, classes, per_class)
+  assert rows == GRID_MAX_ROWS
+  expected = [c * per_class + j for c in range(GRID_MAX_ROWS) for j in range(GRID_MAX_COLUMNS)]
+  np.testing.assert_array_equal(grid.reshape(-1), expected)
+  small, rows = grid_subset(images[:6], 3, 2)
+  assert rows == 3 and (small.reshape(-1) == np.arange(6)).all()
