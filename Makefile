@@ -28,7 +28,7 @@ demo: $(INSTALLED)
 	@echo "Sample grid (one row per digit 0-9): $(abspath $(DEMO_DIR))/demo_grid.png"
 
 test: $(INSTALLED)
-	$(PY) -m pytest -q -n 2 tests
+	$(PY) -m pytest -q -n 2 --durations=15 tests
 
 clean-demo:
 	rm -rf $(DEMO_DIR)

@@ -65,7 +65,7 @@ class PartialSamples:
                        f"batches of {self.per_batch}")
     self.images = [images]
     self._saved_count = len(images)
-    return len(images) // self.per_batch
+    return -(-len(images) // self.per_batch)  # a complete set ends in a short batch
 
   def add(self, batch_uint8: np.ndarray):
     self.images.append(batch_uint8)

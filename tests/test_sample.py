@@ -144,3 +144,32 @@ def test_grid_subset_keeps_the_first_images_of_the_first_classes():
   np.testing.assert_array_equal(grid.reshape(-1), expected)
   small, rows = grid_subset(images[:6], 3, 2)
   assert rows == 3 and (small.reshape(-1) == np.arange(6)).all()
+
+
+def test_partial_samples_resume_points(tmp_path, rng):
+  """Whole batches resume after the last one; a complete set (short last batch) resumes at the
+  end; a torn count or other settings are refused."""
+  from dig_jax.partial_samples import PartialSamples
+  labels = np.arange(12) % 10
+  npz = str(tmp_path / "s.npz")
+  make = lambda seed=0: PartialSamples(npz, labels, 8, dict(seed=seed), save_every_s=1e9)
+  first = make()
+  assert first.resume() == 0
+  batch = rng.integers(0, 256, (8, 4, 4, 1), dtype=np.uint8)
+  first.add(batch)  # not saved yet: save_every_s has not passed
+  assert not os.path.exists(npz + ".partial.npz")
+  first.save()
+  again = make()
+  assert again.resume() == 1 and again.count == 8
+  np.testing.assert_array_equal(again.images[0], batch)
+  again.add(rng.integers(0, 256, (4, 4, 4, 1), dtype=np.uint8))
+  again.save()
+  assert make().resume() == 2  # all 12 made: nothing left to sample
+  with pytest.raises(ValueError, match="other settings"):
+    make(seed=1).resume()
+  with np.load(npz + ".partial.npz") as f:
+    torn = dict(f)
+  torn["arr_0"] = torn["arr_0"][:5]
+  np.savez(npz + ".partial.npz", **torn)
+  with pytest.raises(ValueError, match="not a whole number of batches of 8"):
+    make().resume()
