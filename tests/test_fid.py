@@ -11,6 +11,7 @@ from fid_fixtures import IMAGE_SETS, random_images, random_inception_state_dict
 from torch_zip_writer import write_state_dict
 
 from dig_jax.evaluate import fid, inception
+from dig_jax.evaluate.npz_array import NpzArray
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "data", "inception_golden.npz")
 
@@ -116,12 +117,33 @@ def test_statistics_against_numpy_sums():
 
 def test_image_checks():
   with pytest.raises(ValueError, match=r"expected uint8 images.*float32 \[4, 8, 8, 3\]"):
-    fid.check_images(np.zeros((4, 8, 8, 3), np.float32), "--npz")
+    fid.check_images(np.dtype(np.float32), (4, 8, 8, 3), "--npz")
+  with pytest.raises(ValueError, match=r"uint8 \[4, 8, 8, 2\]"):
+    fid.check_images(np.dtype(np.uint8), (4, 8, 8, 2), "--npz")
   with pytest.raises(ValueError, match="at least 2 images"):
-    fid.check_images(np.zeros((1, 8, 8, 3), np.uint8), "--npz")
-  grey = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 1), dtype=np.uint8)
-  rgb = fid.check_images(grey, "--npz")
-  assert rgb.shape == (2, 8, 8, 3) and all((rgb[..., c] == grey[..., 0]).all() for c in range(3))
+    fid.check_images(np.dtype(np.uint8), (1, 8, 8, 3), "--npz")
+
+
+@pytest.mark.parametrize("save", [np.savez, np.savez_compressed])
+def test_npz_array_reads_batches_in_order(tmp_path, rng, save):
+  images = rng.integers(0, 256, (11, 5, 6, 3), dtype=np.uint8)
+  labels = rng.integers(0, 10, 11)
+  save(tmp_path / "s.npz", arr_0=images, arr_1=labels)
+  array = NpzArray(str(tmp_path / "s.npz"), "arr_0")
+  assert len(array) == 11 and array.shape == images.shape and array.dtype == np.uint8
+  got = list(array.batches(4))
+  assert [len(b) for b in got] == [4, 4, 3]
+  np.testing.assert_array_equal(np.concatenate(got), images)
+  with pytest.raises(KeyError, match=r"no array 'arr_2'.*\['arr_0', 'arr_1'\]"):
+    NpzArray(str(tmp_path / "s.npz"), "arr_2")
+
+
+def test_grey_images_count_as_rgb(model, tmp_path):
+  grey = random_images(8, 3, 32)[..., :1]
+  np.savez(tmp_path / "grey.npz", arr_0=grey)
+  from_file = fid.activations(model, fid.npz_images(str(tmp_path / "grey.npz"), "--npz"), 2)
+  np.testing.assert_allclose(from_file, fid.activations(model, np.repeat(grey, 3, -1)),
+                             rtol=1e-6, atol=1e-9)
 
 
 def _low_rank_fid(x, y):

@@ -30,32 +30,37 @@ from absl import app, flags, logging
 from flax import nnx
 
 from dig_jax.evaluate import inception
+from dig_jax.evaluate.npz_array import NpzArray
 
 
-def check_images(images: np.ndarray, what: str) -> np.ndarray:
-  """uint8 [N, H, W, 3] from [N, H, W, 3 or 1]; a clear error for anything else."""
-  if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
+def check_images(dtype, shape, what: str):
+  """A clear error unless uint8 images [N, H, W, 3 or 1] (grey ones are repeated to RGB), N >= 2."""
+  if dtype != np.uint8 or len(shape) != 4 or shape[-1] not in (1, 3):
     raise ValueError(f"{what}: expected uint8 images [N, H, W, 3] (or [N, H, W, 1]), got "
-                     f"{images.dtype} {list(images.shape)}")
-  if len(images) < 2:
-    raise ValueError(f"{what}: FID needs at least 2 images for a covariance, got {len(images)}")
-  return np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images
+                     f"{dtype} {list(shape)}")
+  if shape[0] < 2:
+    raise ValueError(f"{what}: FID needs at least 2 images for a covariance, got {shape[0]}")
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _features(graphdef, state, images):
+  images = jnp.broadcast_to(images, (*images.shape[:3], 3))  # grey -> RGB
   return nnx.merge(graphdef, state)(images.astype(jnp.float32) / 255.0)
 
 
-def activations(model: inception.InceptionV3, images: np.ndarray, batch_size: int = 100,
+def activations(model: inception.InceptionV3, images, batch_size: int = 100,
                 desc: str = "inception") -> np.ndarray:
-  """Pool features [N, 2048] (float64) of uint8 images [N, H, W, 3], in batches of one shape
-  (the last one padded) so the network compiles once per image size."""
+  """Pool features [N, 2048] (float64) of uint8 images [N, H, W, 3 or 1]: an array, or an
+  NpzArray read batch by batch. Batches have one shape (the last one padded), so the network
+  compiles once per image size."""
+  check_images(images.dtype, images.shape, desc)
   graphdef, state = nnx.split(model)
   batch_size = min(batch_size, len(images))
+  batches = (images.batches(batch_size) if isinstance(images, NpzArray) else
+             (images[s:s + batch_size] for s in range(0, len(images), batch_size)))
   out = []
-  for start in tqdm.trange(0, len(images), batch_size, desc=desc, unit="batch", leave=False):
-    batch = images[start:start + batch_size]
+  for batch in tqdm.tqdm(batches, desc=desc, unit="batch", leave=False,
+                         total=-(-len(images) // batch_size)):
     real = len(batch)
     if real < batch_size:
       batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - real, axis=0)])
@@ -88,13 +93,16 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
   return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
 
 
-def load_npz_images(path: str, what: str) -> np.ndarray:
+def npz_images(path: str, what: str) -> NpzArray:
+  """The images (arr_0) of an npz, checked, to be read batch by batch."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{what}={path}: no such file")
-  with np.load(path) as f:
-    if "arr_0" not in f:
-      raise ValueError(f"{what}={path}: no images (arr_0); keys are {sorted(f.keys())}")
-    return check_images(f["arr_0"], f"{what}={path}")
+  try:
+    images = NpzArray(path, "arr_0")
+  except KeyError as e:
+    raise ValueError(f"{what}: {e.args[0]}") from None
+  check_images(images.dtype, images.shape, f"{what}={path}")
+  return images
 
 
 def reference_statistics(path: str, model, batch_size: int, use_stored: bool = False):
@@ -113,7 +121,7 @@ def reference_statistics(path: str, model, batch_size: int, use_stored: bool = F
     if "arr_0" not in keys:
       raise ValueError(f"--ref={path}: neither images (arr_0) nor statistics (mu, sigma); keys "
                        f"are {sorted(keys)}")
-  images = load_npz_images(path, "--ref")
+  images = npz_images(path, "--ref")
   mu, sigma = statistics(activations(model, images, batch_size, desc="reference"))
   return mu, sigma, f"{len(images)} images"
 
@@ -123,7 +131,7 @@ def fid_of_files(inception_path: str, npz: str, ref: str, *, batch_size: int = 1
   for flag, path in (("--inception", inception_path), ("--ref", ref)):
     if not os.path.isfile(path):  # before the slow steps
       raise FileNotFoundError(f"{flag}={path}: no such file")
-  images = load_npz_images(npz, "--npz")
+  images = npz_images(npz, "--npz")
   model = inception.load_pytorch_fid(inception_path)
   mu, sigma = statistics(activations(model, images, batch_size, desc="samples"))
   ref_mu, ref_sigma, ref_from = reference_statistics(ref, model, batch_size, use_ref_stats)
