@@ -11,8 +11,9 @@ the images as uint8 NHWC (arr_0) with their labels (arr_1), the layout the ADM e
 local device at once. Runs trained on VAE latents (configs/imagenet.py) are decoded to pixels
 with the VAE at --vae (default: config.vae.path).
 
-With --npz, finished batches are also kept in <npz>.partial.npz (every --save_every_s seconds,
-and when interrupted by Ctrl-C or SIGTERM); the same command run again continues from there.
+With --npz, finished batches are also kept in the folder <npz>.partial (every --save_every_s
+seconds, and when interrupted by Ctrl-C or SIGTERM); the same command run again continues from
+there, and only the batches since the last save are held in memory.
 For FID-50K: --classes all --num_per_class 50 --npz samples.npz.
 """
 import os
@@ -37,9 +38,9 @@ flags.DEFINE_integer("batch_size", 64, "Images generated per device batch.")
 flags.DEFINE_bool("ema", True, "Use the EMA weights (--noema for the raw ones).")
 flags.DEFINE_string("out", None, "PNG grid path; default: <workdir>/samples/step_<N>.png.")
 flags.DEFINE_string("npz", None, "Also write the images and labels to this .npz file "
-                    "(resumable: see <npz>.partial.npz).")
+                    "(resumable: see <npz>.partial).")
 flags.DEFINE_float("save_every_s", 300.0, "With --npz: seconds between saves of the finished "
-                   "batches to <npz>.partial.npz.")
+                   "batches to the folder <npz>.partial.")
 flags.DEFINE_string("vae", None, "Latent-space runs: the SD VAE folder (config.json + "
                     "diffusion_pytorch_model.safetensors) that decodes samples to pixels; "
                     "default: the run's config.vae.path.")
@@ -57,6 +58,7 @@ def main(argv):
     logging.set_verbosity(logging.ERROR)  # Orbax warns about read-only managers
   import numpy as np
   from dig_jax import sample as S
+  from dig_jax.evaluate.npz_array import NpzArray
   from dig_jax.partial_samples import PartialSamples
   f = flags.FLAGS
   if f.num_per_class < 1:
@@ -100,15 +102,20 @@ def main(argv):
     store.save()
     sys.exit(f"interrupted: {store.count} of {len(labels)} images saved in "
              f"{store.partial_path}; run the same command again to continue")
-  images = store.finish() if store else np.concatenate(done)
+  first = min(len(classes), S.GRID_MAX_ROWS) * f.num_per_class  # the grid's classes
+  if store:
+    store.finish()
+    images = next(NpzArray(f.npz, "arr_0").batches(first))  # not all 50,000 of an FID run
+  else:
+    images = np.concatenate(done)[:first]
   out = f.out or os.path.join(f.workdir, "samples", f"step_{step}.png")
   grid, rows = S.grid_subset(images, len(classes), f.num_per_class)
   S.save_grid(grid, rows, out)
   cols = len(grid) // rows
-  shown = "" if len(grid) == len(images) else f" (the first {cols} images of {rows} classes)"
+  shown = "" if len(grid) == len(labels) else f" (the first {cols} images of {rows} classes)"
   print(f"Wrote a {rows}x{cols} grid from step {step} to {out}{shown}")
   if f.npz:
-    print(f"Wrote {len(images)} images and labels to {f.npz}")
+    print(f"Wrote {len(labels)} images and labels to {f.npz}")
 
 
 if __name__ == "__main__":

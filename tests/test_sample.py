@@ -1,4 +1,5 @@
 """sample.py: a PNG grid and npz from a checkpoint; bad inputs stop with one clear line."""
+import glob
 import os
 
 import numpy as np
@@ -106,14 +107,13 @@ def test_interrupted_sampling_resumes_to_the_same_images(tiny_run, tmp_path):
   proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True)
   deadline = time.monotonic() + 300
-  while not os.path.exists(npz + ".partial.npz") and proc.poll() is None:
+  while not os.path.exists(npz + ".partial") and proc.poll() is None:
     assert time.monotonic() < deadline
     time.sleep(0.01)
   proc.send_signal(signal.SIGTERM)
   _, err = proc.communicate(timeout=300)
   assert proc.returncode != 0 and "run the same command again to continue" in err, err[-2000:]
-  with np.load(npz + ".partial.npz") as f:
-    done = len(f["arr_0"])
+  done = sum(len(np.load(p)) for p in glob.glob(os.path.join(npz + ".partial", "shard_*.npy")))
   assert 0 < done < 400 and not os.path.exists(npz)
   # another run's settings are refused, and its partial file left as it was
   other = subprocess.run([*args[:-4], "--seed", "4", *args[-4:]], cwd=REPO, capture_output=True,
@@ -121,8 +121,8 @@ def test_interrupted_sampling_resumes_to_the_same_images(tiny_run, tmp_path):
   assert other.returncode != 0 and "partial run with other settings" in other.stderr
   resumed = subprocess.run(args, cwd=REPO, capture_output=True, text=True)
   assert resumed.returncode == 0, resumed.stderr[-2000:]
-  assert f"Resuming from {npz}.partial.npz: {done} of 400 images done" in resumed.stdout
-  assert not os.path.exists(npz + ".partial.npz")
+  assert f"Resuming from {npz}.partial: {done} of 400 images done" in resumed.stdout
+  assert not os.path.exists(npz + ".partial")
   _, model, _ = load_run(tiny_run)
   labels = np.repeat(np.arange(10), 40)
   expected = to_uint8(generate(model, labels, num_timesteps=1000, sampler="ddpm", steps=2,
@@ -148,28 +148,33 @@ def test_grid_subset_keeps_the_first_images_of_the_first_classes():
 
 def test_partial_samples_resume_points(tmp_path, rng):
   """Whole batches resume after the last one; a complete set (short last batch) resumes at the
-  end; a torn count or other settings are refused."""
+  end; a torn count or other settings are refused; the final npz holds every shard in order."""
   from dig_jax.partial_samples import PartialSamples
   labels = np.arange(12) % 10
   npz = str(tmp_path / "s.npz")
   make = lambda seed=0: PartialSamples(npz, labels, 8, dict(seed=seed), save_every_s=1e9)
   first = make()
   assert first.resume() == 0
-  batch = rng.integers(0, 256, (8, 4, 4, 1), dtype=np.uint8)
-  first.add(batch)  # not saved yet: save_every_s has not passed
-  assert not os.path.exists(npz + ".partial.npz")
+  batches = [rng.integers(0, 256, (n, 4, 4, 1), dtype=np.uint8) for n in (8, 4)]
+  first.add(batches[0])  # not saved yet: save_every_s has not passed
+  assert not os.path.exists(npz + ".partial")
   first.save()
   again = make()
   assert again.resume() == 1 and again.count == 8
-  np.testing.assert_array_equal(again.images[0], batch)
-  again.add(rng.integers(0, 256, (4, 4, 4, 1), dtype=np.uint8))
+  again.add(batches[1])
   again.save()
   assert make().resume() == 2  # all 12 made: nothing left to sample
   with pytest.raises(ValueError, match="other settings"):
     make(seed=1).resume()
-  with np.load(npz + ".partial.npz") as f:
-    torn = dict(f)
-  torn["arr_0"] = torn["arr_0"][:5]
-  np.savez(npz + ".partial.npz", **torn)
+  last = make()
+  last.resume()
+  last.finish()
+  assert not os.path.exists(npz + ".partial")
+  with np.load(npz) as f:
+    np.testing.assert_array_equal(f["arr_0"], np.concatenate(batches))
+    np.testing.assert_array_equal(f["arr_1"], labels)
+  torn = make()
+  torn.add(batches[1])  # 4 images: not a whole batch of 8, nor all 12
+  torn.save()
   with pytest.raises(ValueError, match="not a whole number of batches of 8"):
     make().resume()
