@@ -82,7 +82,8 @@ def main(argv):
     if f.npz:
       store = PartialSamples(
           f.npz, labels, S.images_per_batch(len(labels), f.batch_size),
-          dict(workdir=os.path.abspath(f.workdir), step=step, ema=f.ema, vae=vae is not None,
+          dict(workdir=os.path.abspath(f.workdir), step=step, ema=f.ema,
+               vae=None if vae is None else os.path.abspath(f.vae or config.vae.path),
                **settings), save_every_s=f.save_every_s)
       first_batch = store.resume()
       if first_batch:
