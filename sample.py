@@ -14,7 +14,9 @@ with the VAE at --vae (default: config.vae.path).
 With --npz, finished batches are also kept in the folder <npz>.partial (every --save_every_s
 seconds, and when interrupted by Ctrl-C or SIGTERM); the same command run again continues from
 there, and only the batches since the last save are held in memory.
-For FID-50K: --classes all --num_per_class 50 --npz samples.npz.
+For FID-50K: --classes all --num_per_class 50 --npz samples.npz. On several hosts (a TPU pod,
+a GPU cluster), run the same command with --distributed on each: every batch is split over all
+their devices, and process 0 writes the grid and the npz (on a filesystem all processes read).
 """
 import os
 import signal
@@ -44,6 +46,12 @@ flags.DEFINE_float("save_every_s", 300.0, "With --npz: seconds between saves of 
 flags.DEFINE_string("vae", None, "Latent-space runs: the SD VAE folder (config.json + "
                     "diffusion_pytorch_model.safetensors) that decodes samples to pixels; "
                     "default: the run's config.vae.path.")
+flags.DEFINE_bool("distributed", False, "Several processes (hosts) sample together: "
+                  "jax.distributed.initialize() first; process 0 writes the files.")
+flags.DEFINE_string("coordinator_address", None, "With --distributed: host:port of process 0 "
+                    "(default: detected, e.g. on TPU pods and SLURM).")
+flags.DEFINE_integer("num_processes", None, "With --distributed: processes in all.")
+flags.DEFINE_integer("process_id", None, "With --distributed: this process's index.")
 flags.mark_flag_as_required("workdir")
 
 
@@ -56,11 +64,17 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.ERROR)  # Orbax warns about read-only managers
+  import jax
   import numpy as np
+  f = flags.FLAGS
+  if f.distributed:  # before any other JAX call
+    cluster = dict(coordinator_address=f.coordinator_address, num_processes=f.num_processes,
+                   process_id=f.process_id)
+    jax.distributed.initialize(**{k: v for k, v in cluster.items() if v is not None})
+  writer = jax.process_index() == 0
   from dig_jax import sample as S
   from dig_jax.evaluate.npz_array import NpzArray
   from dig_jax.partial_samples import PartialSamples
-  f = flags.FLAGS
   if f.num_per_class < 1:
     sys.exit(f"error: --num_per_class={f.num_per_class}; expected >= 1")
   if f.step is not None and f.step < 0:
@@ -84,9 +98,9 @@ def main(argv):
           f.npz, labels, S.images_per_batch(len(labels), f.batch_size),
           dict(workdir=os.path.abspath(f.workdir), step=step, ema=f.ema,
                vae=None if vae is None else os.path.abspath(f.vae or config.vae.path),
-               **settings), save_every_s=f.save_every_s)
-      first_batch = store.resume()
-      if first_batch:
+               **settings), save_every_s=f.save_every_s, writer=writer)
+      first_batch = store.resume()  # on every process: --npz is on a filesystem all can read
+      if first_batch and writer:
         print(f"Resuming from {store.partial_path}: {store.count} of {len(labels)} images done")
     for _, x in S.generate_batches(model, labels, num_timesteps=config.diffusion.num_timesteps,
                                    batch_size=f.batch_size, learn_sigma=config.model.learn_sigma,
@@ -94,15 +108,20 @@ def main(argv):
       if vae is not None:
         x = S.decode_latents(vae, x, config.data.latent_scale, batch_size=f.batch_size,
                              progress=False)
-      (store.add if store else done.append)(S.to_uint8(x))
+      if writer:
+        (store.add if store else done.append)(S.to_uint8(x))
   except (ValueError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")
   except KeyboardInterrupt:
+    if not writer:
+      sys.exit("interrupted (process 0 keeps the images)")
     if store is None or not store.count:
       sys.exit("interrupted: nothing saved")
     store.save()
     sys.exit(f"interrupted: {store.count} of {len(labels)} images saved in "
              f"{store.partial_path}; run the same command again to continue")
+  if not writer:
+    return
   first = min(len(classes), S.GRID_MAX_ROWS) * f.num_per_class  # the grid's classes
   if store:
     store.finish()

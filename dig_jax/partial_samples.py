@@ -43,7 +43,8 @@ class PartialSamples:
   """Finished batches of one sampling run, saved every `save_every_s` seconds (and on demand)."""
 
   def __init__(self, npz_path: str, labels: np.ndarray, per_batch: int, fingerprint: dict,
-               save_every_s: float = 300.0):
+               save_every_s: float = 300.0, writer: bool = True):
+    self.writer = writer  # several processes: all resume alike, one keeps and writes images
     self.path = npz_path
     self.partial_path = npz_path + ".partial"
     self.labels = np.asarray(labels)
@@ -80,13 +81,15 @@ class PartialSamples:
     return -(-count // self.per_batch)  # a complete set ends in a short batch
 
   def add(self, batch_uint8: np.ndarray):
+    if not self.writer:
+      return
     self._unsaved.append(batch_uint8)
     if time.monotonic() - self._last_save >= self.save_every_s:
       self.save()
 
   def save(self):
     """Writes the batches since the last save as one more shard (whole files only)."""
-    if not self._unsaved:
+    if not self.writer or not self._unsaved:
       return
     os.makedirs(self.partial_path, exist_ok=True)
     meta = os.path.join(self.partial_path, FINGERPRINT)
@@ -104,6 +107,8 @@ class PartialSamples:
 
   def finish(self):
     """Writes the final npz from the shards and the unsaved batches, then removes the folder."""
+    if not self.writer:
+      return
     if self.count != len(self.labels):
       raise ValueError(f"{self.count} images for {len(self.labels)} labels")
     parts = [np.load(p, mmap_mode="r") for p in self._shards()] + self._unsaved

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from PIL import Image
 from tqdm import tqdm
 
@@ -66,8 +67,8 @@ def parse_classes(text: str, num_classes: int) -> list[int]:
 
 
 def images_per_batch(num_images: int, batch_size: int) -> int:
-  """Images per sampling batch: `batch_size` per device, over every device; a request smaller
-  than one such batch is not padded up to it."""
+  """Images per sampling batch: `batch_size` per device, over every device (of every process);
+  a request smaller than one such batch is not padded up to it."""
   devices = jax.device_count()
   return min(batch_size, -(-num_images // devices)) * devices
 
@@ -77,8 +78,8 @@ def generate_batches(model, labels: np.ndarray, *, num_timesteps: int, sampler: 
                      batch_size: int = 64, guidance_channels: int | None = None,
                      learn_sigma: bool = True, first_batch: int = 0):
   """Yields (batch index, float32 NHWC samples in the model's range [-1, 1]) for `labels`, in
-  batches of `batch_size` images per device, each batch split over every device (parameters
-  replicated); batch i draws its noise from fold_in(key(seed), i), so a run resumed at
+  batches of `batch_size` images per device, each batch split over every device of every
+  process (parameters replicated; every process gets the whole batch); batch i draws its noise from fold_in(key(seed), i), so a run resumed at
   `first_batch` continues as it would have. The last batch is padded to one compiled shape."""
   if sampler not in SAMPLERS:
     raise ValueError(f"sampler {sampler!r}; expected one of {SAMPLERS}")
@@ -111,9 +112,12 @@ def generate_batches(model, labels: np.ndarray, *, num_timesteps: int, sampler: 
                 total=len(batches) + first_batch):
     y = labels[i * per_batch:(i + 1) * per_batch]
     y_full = np.concatenate([y, np.zeros(per_batch - len(y), y.dtype)])
-    y_full = jax.device_put(y_full, sharding.batch_sharding(mesh))
+    y_full = jax.make_array_from_callback(y_full.shape, sharding.batch_sharding(mesh),
+                                          lambda index: y_full[index])
     with jax.set_mesh(mesh):  # the Pallas kernels run per device shard (batch_sharding.py)
       x = sample_batch(params, y_full, jax.random.fold_in(jax.random.key(seed), i))
+    if jax.process_count() > 1:  # every process gets the whole batch
+      x = multihost_utils.process_allgather(x, tiled=True)
     yield i, np.asarray(x, np.float32)[:len(y)]
 
 

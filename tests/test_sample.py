@@ -178,3 +178,39 @@ def test_partial_samples_resume_points(tmp_path, rng):
   torn.save()
   with pytest.raises(ValueError, match="not a whole number of batches of 8"):
     make().resume()
+
+
+def test_two_processes_sample_like_one(tiny_run, tmp_path):
+  """sample.py --distributed as two JAX processes (one CPU device each): every batch split over
+  both, process 0 writes the npz and grid, and the images are one process's for the same
+  batches (4 images: 2 per device there, 4 on one device here)."""
+  import socket
+  import subprocess
+  import sys
+  from conftest import REPO
+  from dig_jax.sample import generate, to_uint8
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  env.pop("XLA_FLAGS", None)
+  npz = str(tmp_path / "s.npz")
+  args = [sys.executable, "sample.py", "--workdir", tiny_run, "--classes", "1,7",
+          "--num_per_class", "3", "--steps", "2", "--sampler", "ddpm", "--cfg_scale", "2.0",
+          "--seed", "2", "--batch_size", "2", "--npz", npz, "--out", str(tmp_path / "g.png"),
+          "--distributed", f"--coordinator_address=localhost:{port}", "--num_processes=2"]
+  procs = [subprocess.Popen([*args, f"--process_id={i}"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  outs = [p.communicate(timeout=600) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  assert "Wrote 6 images" in outs[0][0] and "Wrote" not in outs[1][0]
+  _, model, _ = load_run(tiny_run)
+  labels = np.repeat([1, 7], 3)
+  expected = to_uint8(generate(model, labels, num_timesteps=1000, sampler="ddpm", steps=2,
+                               cfg_scale=2.0, seed=2, batch_size=4))
+  with np.load(npz) as f:
+    np.testing.assert_array_equal(f["arr_1"], labels)
+    diff = np.abs(f["arr_0"].astype(int) - expected)
+  assert diff.max() <= 1 and (diff == 0).mean() > 0.999
