@@ -79,8 +79,9 @@ def generate_batches(model, labels: np.ndarray, *, num_timesteps: int, sampler: 
                      learn_sigma: bool = True, first_batch: int = 0):
   """Yields (batch index, float32 NHWC samples in the model's range [-1, 1]) for `labels`, in
   batches of `batch_size` images per device, each batch split over every device of every
-  process (parameters replicated; every process gets the whole batch); batch i draws its noise from fold_in(key(seed), i), so a run resumed at
-  `first_batch` continues as it would have. The last batch is padded to one compiled shape."""
+  process (parameters replicated; every process gets the whole batch). Batch i draws its noise
+  from fold_in(key(seed), i), so a run resumed at `first_batch` continues as it would have.
+  The last batch is padded to one compiled shape."""
   if sampler not in SAMPLERS:
     raise ValueError(f"sampler {sampler!r}; expected one of {SAMPLERS}")
   if steps < 1 or steps > num_timesteps:
@@ -111,11 +112,11 @@ def generate_batches(model, labels: np.ndarray, *, num_timesteps: int, sampler: 
                 f"{'s' if mesh.size > 1 else ''})", unit="batch", initial=first_batch,
                 total=len(batches) + first_batch):
     y = labels[i * per_batch:(i + 1) * per_batch]
-    y_full = np.concatenate([y, np.zeros(per_batch - len(y), y.dtype)])
-    y_full = jax.make_array_from_callback(y_full.shape, sharding.batch_sharding(mesh),
-                                          lambda index: y_full[index])
+    padded = np.concatenate([y, np.zeros(per_batch - len(y), y.dtype)])
+    y_sharded = jax.make_array_from_callback(padded.shape, sharding.batch_sharding(mesh),
+                                             lambda index: padded[index])
     with jax.set_mesh(mesh):  # the Pallas kernels run per device shard (batch_sharding.py)
-      x = sample_batch(params, y_full, jax.random.fold_in(jax.random.key(seed), i))
+      x = sample_batch(params, y_sharded, jax.random.fold_in(jax.random.key(seed), i))
     if jax.process_count() > 1:  # every process gets the whole batch
       x = multihost_utils.process_allgather(x, tiled=True)
     yield i, np.asarray(x, np.float32)[:len(y)]
