@@ -147,14 +147,20 @@ def decode_latents(vae, latents: np.ndarray, scale: float, *, batch_size: int = 
                    progress: bool = True) -> np.ndarray:
   """Model-space latents (VAE latents * `scale`) -> float32 NHWC pixels, about [-1, 1]."""
   graphdef, params = nnx.split(vae)
-  decode = jax.jit(lambda params, z: nnx.merge(graphdef, params).decode(z / scale))
   out = []
   for start in tqdm(range(0, len(latents), batch_size), desc="decoding with the VAE",
                     unit="batch", disable=not progress):
     z = latents[start:start + batch_size]
     pad = np.zeros((batch_size - len(z), *z.shape[1:]), z.dtype)  # one compiled shape
-    out.append(np.asarray(decode(params, np.concatenate([z, pad])), np.float32)[:len(z)])
+    out.append(np.asarray(_decode(graphdef, params, np.concatenate([z, pad]), scale),
+                          np.float32)[:len(z)])
   return np.concatenate(out)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _decode(graphdef, params, z, scale):
+  # module level: sample.py decodes every sampling batch, and compiles this once
+  return nnx.merge(graphdef, params).decode(z / scale)
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:

@@ -30,7 +30,7 @@ def random_inception_state_dict(seed: int = 0) -> dict[str, np.ndarray]:
     out[f"{name}.bn.running_var"] = rng.uniform(0.5, 2.0, cout).astype(np.float32)
     out[f"{name}.bn.num_batches_tracked"] = np.array(int(rng.integers(1, 10**6)), np.int64)
   out["fc.weight"] = (rng.standard_normal((CLASSES, 2048)) * 0.02).astype(np.float32)
-  out["fc.bias"] = np.zeros(CLASSES, np.float32) + rng.normal(0.0, 0.1, CLASSES).astype(np.float32)
+  out["fc.bias"] = rng.normal(0.0, 0.1, CLASSES).astype(np.float32)
   return out
 
 

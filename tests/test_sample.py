@@ -90,6 +90,19 @@ def test_sampling_over_8_devices_matches_one(tiny_run, tmp_path):
   np.testing.assert_allclose(eight, one, atol=2e-4)
 
 
+def _assert_npz_is_one_process_run(npz, workdir, labels, *, seed, batch_size):
+  """The npz holds `labels` and the images generate() makes in this process (DDPM, 2 steps,
+  guidance 2), up to one uint8 level where rounding lands on the other side."""
+  from dig_jax.sample import generate, to_uint8
+  _, model, _ = load_run(workdir)
+  expected = to_uint8(generate(model, labels, num_timesteps=1000, sampler="ddpm", steps=2,
+                               cfg_scale=2.0, seed=seed, batch_size=batch_size))
+  with np.load(npz) as f:
+    np.testing.assert_array_equal(f["arr_1"], labels)
+    diff = np.abs(f["arr_0"].astype(int) - expected)
+  assert diff.max() <= 1 and (diff == 0).mean() > 0.999
+
+
 def test_interrupted_sampling_resumes_to_the_same_images(tiny_run, tmp_path):
   """SIGTERM mid-run keeps the finished batches in <npz>.partial.npz; the same command then
   finishes the run with the images an uninterrupted one makes."""
@@ -98,7 +111,6 @@ def test_interrupted_sampling_resumes_to_the_same_images(tiny_run, tmp_path):
   import sys
   import time
   from conftest import REPO
-  from dig_jax.sample import generate, to_uint8
   npz = str(tmp_path / "s.npz")
   args = [sys.executable, "sample.py", "--workdir", tiny_run, "--classes", "all",
           "--num_per_class", "40", "--batch_size", "1", "--steps", "2", "--sampler", "ddpm",
@@ -123,14 +135,8 @@ def test_interrupted_sampling_resumes_to_the_same_images(tiny_run, tmp_path):
   assert resumed.returncode == 0, resumed.stderr[-2000:]
   assert f"Resuming from {npz}.partial: {done} of 400 images done" in resumed.stdout
   assert not os.path.exists(npz + ".partial")
-  _, model, _ = load_run(tiny_run)
-  labels = np.repeat(np.arange(10), 40)
-  expected = to_uint8(generate(model, labels, num_timesteps=1000, sampler="ddpm", steps=2,
-                               cfg_scale=2.0, seed=3, batch_size=1))
-  with np.load(npz) as f:
-    np.testing.assert_array_equal(f["arr_1"], labels)
-    diff = np.abs(f["arr_0"].astype(int) - expected)
-  assert diff.max() <= 1 and (diff == 0).mean() > 0.999
+  _assert_npz_is_one_process_run(npz, tiny_run, np.repeat(np.arange(10), 40), seed=3,
+                                 batch_size=1)
 
 
 def test_grid_subset_keeps_the_first_images_of_the_first_classes():
@@ -188,7 +194,6 @@ def test_two_processes_sample_like_one(tiny_run, tmp_path):
   import subprocess
   import sys
   from conftest import REPO
-  from dig_jax.sample import generate, to_uint8
   with socket.socket() as s:
     s.bind(("localhost", 0))
     port = s.getsockname()[1]
@@ -206,11 +211,4 @@ def test_two_processes_sample_like_one(tiny_run, tmp_path):
   for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]
   assert "Wrote 6 images" in outs[0][0] and "Wrote" not in outs[1][0]
-  _, model, _ = load_run(tiny_run)
-  labels = np.repeat([1, 7], 3)
-  expected = to_uint8(generate(model, labels, num_timesteps=1000, sampler="ddpm", steps=2,
-                               cfg_scale=2.0, seed=2, batch_size=4))
-  with np.load(npz) as f:
-    np.testing.assert_array_equal(f["arr_1"], labels)
-    diff = np.abs(f["arr_0"].astype(int) - expected)
-  assert diff.max() <= 1 and (diff == 0).mean() > 0.999
+  _assert_npz_is_one_process_run(npz, tiny_run, np.repeat([1, 7], 3), seed=2, batch_size=4)
