@@ -11,8 +11,10 @@ on plain SMEM refs: not on refs with those transforms, not with A from registers
 `transpose_ref`, and not with layout casts (an iota with a layout), so an interpreted kernel
 would differ from the compiled one exactly where the layouts are; `jnp.cumsum` has no lowering
 (a wgmma with a triangular 0/1 matrix does, which chunk_math's `ops.cumsum` could be), and a
-row or column sum broadcast back over the tile needs explicit layouts. BENCHMARKS.md says why a 64-row warpgroup kernel is the
-likely next step for the backward.
+row or column sum broadcast back over the tile needs explicit layouts. A direct port (one
+warpgroup per sequence over 64-row wgmma chunks, exponents as constant-matrix products on the
+tensor cores) ran correctly on an H100 but 1.8x (forward) to 4x (backward) slower than these
+kernels: one program per SM, each product waited on (BENCHMARKS.md, session 20).
 
 Design (sequence split, as fla's chunk_h_split): the scan-ordered chunks of one (batch, head)
 are grouped into blocks of L chunks (L = `block_chunks_for`: 192-256 tokens, up to 512 where
