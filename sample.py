@@ -93,6 +93,7 @@ def main(argv):
         cfg_scale=config.sample.cfg_scale if f.cfg_scale is None else f.cfg_scale,
         eta=f.eta, seed=f.seed, guidance_channels=f.guidance_channels)
     first_batch, done = 0, []
+    first = min(len(classes), S.GRID_MAX_ROWS) * f.num_per_class  # images the grid shows
     if f.npz:
       store = PartialSamples(
           f.npz, labels, S.images_per_batch(len(labels), f.batch_size),
@@ -108,8 +109,10 @@ def main(argv):
       if vae is not None:
         x = S.decode_latents(vae, x, config.data.latent_scale, batch_size=f.batch_size,
                              progress=False)
-      if writer:
-        (store.add if store else done.append)(S.to_uint8(x))
+      if writer and store:
+        store.add(S.to_uint8(x))
+      elif writer and sum(map(len, done)) < first:  # without --npz only the grid's are kept
+        done.append(S.to_uint8(x))
   except (ValueError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")
   except KeyboardInterrupt:
@@ -122,7 +125,6 @@ def main(argv):
              f"{store.partial_path}; run the same command again to continue")
   if not writer:
     return
-  first = min(len(classes), S.GRID_MAX_ROWS) * f.num_per_class  # the grid's classes
   if store:
     store.finish()
     images = next(NpzArray(f.npz, "arr_0").batches(first))  # not all 50,000 of an FID run

@@ -24,6 +24,19 @@ def test_sample_cli_writes_grid_and_npz(tiny_run, tmp_path):
     assert f["arr_0"].std() > 0  # not a blank image
 
 
+def test_grid_without_npz_matches_the_grid_read_back_from_the_npz(tiny_run, tmp_path):
+  # without --npz the images stay in memory (only the grid's); with it they are read back
+  grids = []
+  for extra in ([], ["--npz", str(tmp_path / "s.npz")]):
+    png = str(tmp_path / f"grid{len(extra)}.png")
+    result = run_cli("sample.py", "--workdir", tiny_run, "--classes", "2,5,8", "--num_per_class",
+                     "3", "--steps", "2", "--batch_size", "2", "--seed", "4", "--out", png, *extra)
+    assert result.returncode == 0, result.stderr[-3000:]
+    grids.append(np.asarray(Image.open(png)))
+  assert grids[0].shape == (3 * 34 + 2, 3 * 34 + 2) and grids[0].std() > 0
+  np.testing.assert_array_equal(grids[0], grids[1])
+
+
 def test_ddim_from_an_older_step_with_raw_weights(tiny_run):
   config, model, step = load_run(tiny_run, 2, ema=False)
   assert step == 2 and model.num_classes == 10 and config.model.depth == 2
