@@ -13,7 +13,7 @@ from flax import nnx
 
 from conftest import REPO, run_cli, tiny_config
 from dig_jax.data import create_source, train_dataset
-from dig_jax.train.loop import NonFiniteLossError, train
+from dig_jax.train.loop import NonFiniteLossError, StepsInFlight, train
 from dig_jax.train.validate import ConfigError
 from dig_jax.train.checkpoint import Checkpointer, abstract_like
 from dig_jax.train.metrics import read_metrics
@@ -166,3 +166,24 @@ def test_cli_bad_inputs_give_one_line_and_keep_checkpoints(tiny_run):
     assert result.stderr.strip().splitlines()[-1].startswith("error: ") and message in result.stderr
   assert sorted(os.listdir(os.path.join(tiny_run, "checkpoints"))) == before
   assert json.load(open(os.path.join(tiny_run, "config.json")))["model"]["depth"] == 2
+
+
+class _Step:
+  """A dispatched step that finishes only when waited for."""
+
+  def __init__(self, log, index):
+    self.log, self.index = log, index
+
+  def block_until_ready(self):
+    self.log.append(self.index)
+    return self
+
+
+def test_steps_in_flight_waits_for_the_oldest_step_beyond_its_limit():
+  waited, window = [], StepsInFlight(2)
+  for i in range(6):
+    window.add(_Step(waited, i))
+    # after step i is added, every step up to i - 2 has been waited for, in order, once
+    assert waited == list(range(max(i - 1, 0)))
+  with pytest.raises(ValueError, match="limit must be >= 1, got 0"):
+    StepsInFlight(0)

@@ -1,6 +1,7 @@
 """The training loop, top to bottom: mesh, data, model, state, resume, step, log, checkpoint."""
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
@@ -21,6 +22,9 @@ from dig_jax.train.optimizer import flat_below, make_optimizer
 from dig_jax.train.state import checkpoint_form, create_sharded_state
 from dig_jax.train.step import make_train_step
 from dig_jax.train.validate import ConfigError, check_config, check_resume_config
+
+
+STEPS_IN_FLIGHT = 2  # dispatched steps the host may run ahead of the device (StepsInFlight)
 
 
 class StopRequested:
@@ -51,6 +55,29 @@ class StopRequested:
         return True
       return False
     return self.signal_name is not None
+
+
+class StepsInFlight:
+  """Bounds how many dispatched steps may be unfinished on the device.
+
+  A jitted step returns as soon as it is queued, so without a bound the host (and the progress
+  bar with it) runs ahead until the next metrics sync at `log_every`, then waits there while
+  the queue drains. Waiting for the step `limit` back keeps the bar within `limit` steps of the
+  device and the device still busy: the next steps are already queued when the wait ends.
+  """
+
+  def __init__(self, limit: int):
+    if limit < 1:
+      raise ValueError(f"StepsInFlight: limit must be >= 1, got {limit}")
+    self.limit = limit
+    self._pending = collections.deque()
+
+  def add(self, marker):
+    """Records a step by one of its outputs (anything with `block_until_ready`); waits for the
+    oldest recorded steps until at most `limit` are unfinished."""
+    self._pending.append(marker)
+    while len(self._pending) > self.limit:
+      self._pending.popleft().block_until_ready()
 
 
 class NonFiniteLossError(RuntimeError):
@@ -128,6 +155,7 @@ def train(config, workdir: str) -> int:
   bar = tqdm(total=tc.total_steps, initial=step, disable=not is_main, unit="step",
              dynamic_ncols=True)
   last_saved = latest
+  in_flight = StepsInFlight(STEPS_IN_FLIGHT)
   window_start, window_steps = time.time(), 0
 
   def save():
@@ -141,6 +169,7 @@ def train(config, workdir: str) -> int:
       while step < tc.total_steps and not stop.requested(step):
         batch = sharding.global_batch(next(data_iter), mesh)
         state, metrics = train_step(state, batch)
+        in_flight.add(metrics["loss"])
         step += 1
         window_steps += 1
         bar.update(1)
