@@ -26,7 +26,8 @@ from absl import app, flags, logging
 
 flags.DEFINE_string("workdir", None, "Training run directory (holds checkpoints/).")
 flags.DEFINE_integer("step", None, "Checkpoint step to load; default: the latest.")
-flags.DEFINE_string("classes", "all", "Class ids, comma-separated, or 'all'.")
+flags.DEFINE_string("classes", "all", "Class ids, comma-separated, or 'all'. Without --npz "
+                    "only the classes the grid shows (the first 32) are sampled.")
 flags.DEFINE_integer("num_per_class", 8, "Images per class (one grid row per class).")
 flags.DEFINE_float("cfg_scale", None, "Classifier-free guidance scale (1.0 = off); "
                    "default: the run's config.sample.cfg_scale.")
@@ -105,14 +106,13 @@ def main(argv):
         print(f"Resuming from {store.partial_path}: {store.count} of {len(labels)} images done")
     for _, x in S.generate_batches(model, labels, num_timesteps=config.diffusion.num_timesteps,
                                    batch_size=f.batch_size, learn_sigma=config.model.learn_sigma,
-                                   first_batch=first_batch, **settings):
+                                   first_batch=first_batch, count=None if store else first,
+                                   **settings):
       if vae is not None:
         x = S.decode_latents(vae, x, config.data.latent_scale, batch_size=f.batch_size,
                              progress=False)
-      if writer and store:
-        store.add(S.to_uint8(x))
-      elif writer and sum(map(len, done)) < first:  # without --npz only the grid's are kept
-        done.append(S.to_uint8(x))
+      if writer:  # without --npz only the grid's images are sampled (count above)
+        (store.add if store else done.append)(S.to_uint8(x))
   except (ValueError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")
   except KeyboardInterrupt:

@@ -76,12 +76,13 @@ def images_per_batch(num_images: int, batch_size: int) -> int:
 def generate_batches(model, labels: np.ndarray, *, num_timesteps: int, sampler: str = "ddpm",
                      steps: int = 250, cfg_scale: float = 1.5, eta: float = 0.0, seed: int = 0,
                      batch_size: int = 64, guidance_channels: int | None = None,
-                     learn_sigma: bool = True, first_batch: int = 0):
+                     learn_sigma: bool = True, first_batch: int = 0, count: int | None = None):
   """Yields (batch index, float32 NHWC samples in the model's range [-1, 1]) for `labels`, in
   batches of `batch_size` images per device, each batch split over every device of every
   process (parameters replicated; every process gets the whole batch). Batch i draws its noise
   from fold_in(key(seed), i), so a run resumed at `first_batch` continues as it would have.
-  The last batch is padded to one compiled shape."""
+  The last batch is padded to one compiled shape. `count`: stop after the batches holding the
+  first `count` labels (batched as for all of them, so those images are the same)."""
   if sampler not in SAMPLERS:
     raise ValueError(f"sampler {sampler!r}; expected one of {SAMPLERS}")
   if steps < 1 or steps > num_timesteps:
@@ -107,7 +108,8 @@ def generate_batches(model, labels: np.ndarray, *, num_timesteps: int, sampler: 
       return ddim_sample(model_fn, schedule, (y.shape[0], *shape), key, eta=eta, **kwargs)
     return ddpm_sample(model_fn, schedule, (y.shape[0], *shape), key, **kwargs)
 
-  batches = range(first_batch, -(-len(labels) // per_batch))
+  wanted = len(labels) if count is None else min(count, len(labels))
+  batches = range(first_batch, -(-wanted // per_batch))
   for i in tqdm(batches, desc=f"sampling ({sampler}, {steps} steps, {mesh.size} device"
                 f"{'s' if mesh.size > 1 else ''})", unit="batch", initial=first_batch,
                 total=len(batches) + first_batch):

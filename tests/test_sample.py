@@ -46,6 +46,19 @@ def test_ddim_from_an_older_step_with_raw_weights(tiny_run):
   assert images.shape == (3, 32, 32, 1) and np.isfinite(images).all()
 
 
+def test_count_stops_after_the_batches_of_the_first_labels_with_the_same_images(tiny_run):
+  # what sample.py samples without --npz: only the grid's labels, batched as for all of them
+  from dig_jax.sample import generate_batches
+  _, model, _ = load_run(tiny_run, None, ema=True)
+  kwargs = dict(num_timesteps=1000, sampler="ddim", steps=2, batch_size=2, seed=3)
+  labels = np.array([1, 1, 4, 4, 7, 7, 9])
+  every = list(generate_batches(model, labels, **kwargs))
+  some = list(generate_batches(model, labels, count=3, **kwargs))
+  assert [i for i, _ in every] == [0, 1, 2, 3] and [i for i, _ in some] == [0, 1]
+  for (_, a), (_, b) in zip(some, every):
+    np.testing.assert_array_equal(a, b)
+
+
 def test_save_grid_places_images_row_major(tmp_path, rng):
   images = rng.integers(0, 256, size=(6, 4, 5, 3), dtype=np.uint8)
   save_grid(images, rows=2, path=str(tmp_path / "g.png"), pad=1)
