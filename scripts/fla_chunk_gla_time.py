@@ -10,8 +10,8 @@ flash-linear-attention==0.6.0` on a machine with network, then `pip install --no
 
 Per anchor it reports two times of forward+backward: the wall time a PyTorch user sees
 (`triton.testing.do_bench`, median) and the sum of the GPU kernels' own times over one call
-(torch.profiler), since fla launches 18 kernels and some elementwise torch ops per call and its
-wall time depends on the host. The first calls per shape run fla's Triton autotuning: allow
+(torch.profiler), since one call launches 18 GPU kernels (fla's and torch's elementwise ones)
+and its wall time depends on the host. The first calls per shape run fla's Triton autotuning: allow
 three to four minutes per anchor on a fresh machine (less once Triton's cache holds them).
 """
 from __future__ import annotations
