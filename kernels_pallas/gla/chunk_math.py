@@ -17,11 +17,13 @@ The halving stops at blocks of `diag` rows:
   raise g to it on load (a decay of e^-10 per step already wipes the state). Fewer matmuls and
   exponentials per chunk.
 
-Matmul precision: scores and outputs take q, k, v, do (scaled by gate factors) in the input
-dtype; matmuls that make or use the state, its gradient or the score gradient stay float32
-with `ops.sum_precision` (TF32 on GPU, fp32 on TPU). With those in bf16, the gate gradient
-(a suffix sum of q*dq - k*dk, which cancel) was off by up to 1e-2 under strong gates; now
-about 1e-3. Float32 inputs use exact fp32 everywhere.
+Matmul precision: scores and outputs take q, k, v, do (q and k scaled by gate factors) in the
+input dtype; matmuls that make or use the state, its gradient or the score gradient stay
+float32 with `ops.sum_precision` (TF32 on GPU, fp32 on TPU). With those in bf16, the gate
+gradient (a suffix sum of q*dq - k*dk, which cancel) was off by up to 1e-2 under strong gates.
+do goes into every product unscaled (exact in its 16-bit dtype), `scale` onto the other
+factor: a 16-bit copy of scale * do had cost dq, dk and dg 0.6-2.3e-3 of relative error.
+Float32 inputs use exact fp32 everywhere.
 
 `ops` supplies what the Pallas backends lower differently: `cumsum(x, h, reverse)`
 (inclusive, within segments of h rows), `segsum(x, h)` (each row gets its segment's total)
@@ -182,17 +184,18 @@ def backward(q, k, v, g, do, state, dstate, dg_carry, *, scale, reverse, ops, di
   dt = _Precision.of(q.dtype, ops)
   c = q.shape[0]
   qf, kf = q.astype(f32), k.astype(f32)
-  dof = scale * do.astype(f32)
+  dof = do.astype(f32)  # unscaled, `scale` on the other factors (module docstring)
   eq, ek, decay = _chunk_decays(g, reverse, ops)
+  eq = scale * eq
   i, j = _iotas(c)
   # Ordered so that few [C, C] and [C, D] values are live at once (register pressure on GPUs):
   # the output-side terms first (v dies), then the scores and dv (A dies), then dq and dk.
   vf = v.astype(f32)
-  da = jnp.where((j >= i) if reverse else (j <= i), _nt(dof, vf, dt), 0.0)
+  da = jnp.where((j >= i) if reverse else (j <= i), scale * _nt(dof, vf, dt), 0.0)
   dk = ek * _nt(vf, dstate, dt, sums=True)
   terms = _score_terms(g, reverse, diag, ops)
   a = _scores(qf, kf, terms, dt, diag)
-  dv = _tn(a, dof, dt) + _nn(kf * ek, dstate, dt, sums=True)
+  dv = _tn(scale * a, dof, dt) + _nn(kf * ek, dstate, dt, sums=True)
   dq = eq * _nt(dof, state, dt, sums=True)
   if diag == 1:  # the diagonal q_i . k_i, outside the matmul terms
     da_diag = jnp.sum(jnp.where(i == j, da, 0.0), axis=1, keepdims=True)
@@ -222,7 +225,7 @@ def dstate_update(q, g, do, dstate, *, scale, reverse, ops):
   only this chunk's queries (backward state pass). Same arithmetic as `backward`."""
   dt = _Precision.of(q.dtype, ops)
   eq, _, decay = _chunk_decays(g, reverse, ops)
-  return decay * dstate + _tn(q.astype(f32) * eq, scale * do.astype(f32), dt, sums=True)
+  return decay * dstate + _tn(q.astype(f32) * (scale * eq), do.astype(f32), dt, sums=True)
 
 
 def states_pass_update(q, k, v, g, do, state, dstate, decay_before, *, scale, reverse, ops):
@@ -234,6 +237,6 @@ def states_pass_update(q, k, v, g, do, state, dstate, decay_before, *, scale, re
   dt = _Precision.of(q.dtype, ops)
   eq, ek, decay = _chunk_decays(g, reverse, ops)
   state = decay * state + _tn(k.astype(f32) * ek, v, dt, sums=True)
-  share = _tn(q.astype(f32) * eq, scale * do.astype(f32), dt, sums=True)
+  share = _tn(q.astype(f32) * (scale * eq), do.astype(f32), dt, sums=True)
   return state, dstate + decay_before * share, decay_before * decay
 
