@@ -79,7 +79,7 @@ def test_gpu_kernel_sequence_blocks(monkeypatch, case, block_chunks, recompute):
 
 # With one forward block, the backward may walk it as shorter blocks (`BWD_BLOCK_CHUNKS`, or
 # `backward_block_chunks` by waves): the chunk-state walk then also takes each such block's
-# gradient-state share, log-decay and leaving state, and `_carry_few` joins them.
+# gradient-state share and joins them (the state gradient leaving each, the gate's carry).
 @pytest.mark.parametrize("case,half", [
     ("T%C!=0, K=36 V=72, h0", 2),                 # 4 chunks: 2 + 2, final-state gradient
     ("T<C, K=16, reverse, strong, BH=1", 1),      # 3 chunks, one per backward block, reverse

@@ -51,9 +51,10 @@ tokens; for the last block that is sum_V(ht * dht)).
 With one block (short sequences, or `block_chunks >= T / C`) steps 1-2 are skipped and this is
 the single-pass design of the first version. Its backward may still walk halves of the block
 (`backward_block_chunks`: where the sequences take more than one wave of backward programs,
-as DiG-S/2's 384 at 256 px do): `gla_states_pass` then also gives each half's share,
-log-decay and leaving state, and `_carry_few` joins the halves in XLA (measured on an H100:
-fwd+bwd -19 % at DiG-S/2 256 px, BENCHMARKS.md).
+as DiG-S/2's 384 at 256 px do): `gla_states_pass` then also takes each half's share and
+joins the halves (the gradient of the state leaving each, and the gate's carry at its end),
+as `block_carry.dstates_leaving` does for many blocks (measured on an H100: fwd+bwd -19 % at
+DiG-S/2 256 px, BENCHMARKS.md).
 
 In-chunk scheme: chunks of 16 rows (CHUNK), each one matmul anchored at its middle row
 (chunk_math with diag = 16, DIAG). Chunks of 16 measured 11-24 % faster fwd+bwd than chunks of
@@ -184,8 +185,8 @@ def backward_block_chunks(n_chunks, sequences, slots=None):
   all of them, or half where the sequences take more than one wave of backward programs and
   halves take at least a fifth off the walk's waves x chunks per program (384 sequences of
   16 chunks on 264 slots: two waves of 16 chunk steps, or three of 8). The halves cost a
-  share of the block gradient state in the chunk-state walk and a carry between them
-  (`_carry_few`); measured on an H100: BENCHMARKS.md."""
+  share of the block gradient state in the chunk-state walk and a carry between them, both
+  in `gla_states_pass`; measured on an H100: BENCHMARKS.md."""
   slots = slots or BWD_PROGRAMS_PER_SM * _sm_count()
   half = -(-n_chunks // 2)
 
@@ -311,44 +312,50 @@ def _chunk_states_kernel(k_ref, v_ref, g_ref, s_in_ref, states_ref, *, chunk, n_
   walk.forward(step, s_in_ref[...])
 
 
-def _states_pass_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, s_in_ref, states_ref, w_ref,
-                        *halves_refs, chunk, n_chunks, size, nv, scale, reverse, diag,
-                        column_scan, half=None):
+def _states_pass_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, s_in_ref, *refs, chunk, n_chunks,
+                        size, nv, scale, reverse, diag, column_scan, half=None):
   """`_chunk_states_kernel` and `_bwd_states_kernel` as one walk in scan order: the state
   entering every chunk, and the block's queries' share of the gradient of the state entering
-  the block (summed forward, chunk_math.states_pass_update). Both walks are short serial
-  chains at these sizes; one stream of both costs less than two.
+  the block (summed forward, chunk_math.states_pass_update; refs: states_ref, w_ref). Both
+  walks are short serial chains at these sizes; one stream of both costs less than two.
 
-  half (one block of all n_chunks only): the backward runs it as blocks of `half` chunks, so
-  the share is taken per such block (w_ref [K, NB, V]), with its log-decay and the state
-  leaving it (halves_refs: [NB, K] and [K, NB, V])."""
-  kd = k_ref.shape[-1]
+  half (one block of all n_chunks only): the backward runs it as blocks of `half` chunks.
+  The kernel then also joins them (refs: dht_ref [K, V] in; states_ref; out the gradient of
+  the state leaving each such block [K, NB, V] and the gate's carry at its end [NB, K]):
+  walked in reverse from dht, dS_leave[j - 1] = decay_j dS_leave[j] + share_j, and the carry
+  is sum_V(S_leave[j] * dS_leave[j]). Joined here, the backward needs no XLA passes over the
+  shares, decays and leaving states between this kernel and `gla_bwd`."""
+  kd, vd = k_ref.shape[-1], do_ref.shape[-1]
+  if half is None:
+    states_ref, w_ref = refs
+  else:
+    dht_ref, states_ref, ds_out_ref, dgc_ref = refs
 
   def step(n, carry):
     idx, rows = walk.rows(n)
     states_ref[idx] = carry[0]
-    g = walk.gates(g_ref, rows)
-    *carry, lam = carry
-    return (*chunk_math.states_pass_update(
-        q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], g, do_ref[rows, :], *carry,
-        scale=scale, reverse=reverse, ops=OPS), lam + jnp.sum(g, axis=0, keepdims=True))
+    return chunk_math.states_pass_update(
+        q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], walk.gates(g_ref, rows),
+        do_ref[rows, :], *carry, scale=scale, reverse=reverse, ops=OPS)
 
-  def fresh(state):  # (state, share, decay before the chunk, log-decay) at a block's start
-    return (state, jnp.zeros((kd, w_ref.shape[-1]), jnp.float32), jnp.ones((kd, 1), jnp.float32),
-            jnp.zeros((1, kd), jnp.float32))
+  def fresh(state):  # (state, share, decay before the chunk) at a block's start
+    return state, jnp.zeros((kd, vd), jnp.float32), jnp.ones((kd, 1), jnp.float32)
 
   if half is None:
     walk = _Walk(pl.program_id(2) // nv, n_chunks, size, chunk, reverse, diag, column_scan)
     w_ref[...] = walk.forward(step, fresh(s_in_ref[...]))[1]
     return
-  lam_ref, s_leave_ref = halves_refs
-  state = s_in_ref[...]
+  state, blocks = s_in_ref[...], []
   for j in range(-(-n_chunks // half)):  # static: a few blocks of one sequence
     walk = _Walk(j, n_chunks, half, chunk, reverse, diag, column_scan)
-    state, w, _, lam = walk.forward(step, fresh(state))
-    w_ref[:, j, :] = w
-    lam_ref[pl.ds(j, 1), :] = lam
-    s_leave_ref[:, j, :] = state
+    state, share, decay = walk.forward(step, fresh(state))
+    blocks.append((share, decay, state))
+  ds = dht_ref[...]
+  for j in reversed(range(len(blocks))):
+    share, decay, s_leave = blocks[j]
+    ds_out_ref[:, j, :] = ds
+    dgc_ref[pl.ds(j, 1), :] = jnp.sum(s_leave * ds, axis=1)[None, :]
+    ds = decay * ds + share
 
 
 def _bwd_states_kernel(q_ref, g_ref, do_ref, w_ref, *, chunk, n_chunks, size, scale, reverse,
@@ -597,49 +604,39 @@ def _chunk_states(k, v, g, s_in, *, chunk, n_chunks, size, reverse, diag, column
 
 
 def _states_pass(q, k, v, g, do, s_in, *, chunk, n_chunks, size, scale, reverse, diag,
-                 column_scan, packed, interpret, half=None):
+                 column_scan, packed, interpret, half=None, dht=None):
   """(state entering every chunk [B, H, NC, K, V], each block's queries' share of the
   gradient of the state entering it [B, H, K, NB, V]) in one kernel, `gla_states_pass`.
-  half (one forward block): the shares per backward block of `half` chunks, then also their
-  log-decays [B, H, NB, 1, K] and the state leaving each [B, H, K, NB, V]."""
+  half (one forward block; dht [B, H, K, V] given): the backward's blocks of `half` chunks,
+  joined in the kernel: (states, the gradient of the state leaving each such block
+  [B, H, K, NB, V], the gate's gradient carry at each one's end [B, H, NB, 1, K])."""
   b, t, h, kd, vd = _dims(g, v, packed)
   nb = -(-n_chunks // size)
-  nv = v_tiles(b * h * nb, vd)
+  # Whole V when joining halves (the carry sums over V); halves only run with more sequences
+  # than backward slots, where there would be no V tiles anyway.
+  nv = 1 if half is not None else v_tiles(b * h * nb, vd)
   q_spec, k_spec, v_spec = _qkv_specs(t, kd, vd, packed, nv)
   f32 = jnp.float32
   out_specs = [_chunk_states_spec(n_chunks, kd, vd, nv), _state_spec(kd, vd, nv)]
   out_shape = [jax.ShapeDtypeStruct((b, h, n_chunks, kd, vd), f32),
                jax.ShapeDtypeStruct((b, h, kd, nb, vd), f32)]
+  in_specs = [q_spec, k_spec, v_spec, _seq_spec(t, kd), _seq_spec(t, vd, nv),
+              _state_spec(kd, vd, nv)]
+  inputs = [q, k, v, g, do, s_in]
   if half is not None:
     nbb = -(-n_chunks // half)
-    per_half = pl.BlockSpec((None, None, kd, nbb, vd // nv), lambda b, h, j: (b, h, 0, 0, j % nv))
-    out_specs = [out_specs[0], per_half,
-                 pl.BlockSpec((None, None, nbb, None, kd), lambda b, h, j: (b, h, 0, 0, 0)),
-                 per_half]
+    out_specs = [out_specs[0],
+                 pl.BlockSpec((None, None, kd, nbb, vd), lambda b, h, j: (b, h, 0, 0, 0)),
+                 pl.BlockSpec((None, None, nbb, None, kd), lambda b, h, j: (b, h, 0, 0, 0))]
     out_shape = [out_shape[0], jax.ShapeDtypeStruct((b, h, kd, nbb, vd), f32),
-                 jax.ShapeDtypeStruct((b, h, nbb, 1, kd), f32),
-                 jax.ShapeDtypeStruct((b, h, kd, nbb, vd), f32)]
+                 jax.ShapeDtypeStruct((b, h, nbb, 1, kd), f32)]
+    in_specs.append(pl.BlockSpec((None, None, kd, vd), lambda b, h, j: (b, h, 0, 0)))
+    inputs.append(dht)
   return _call(
       functools.partial(_states_pass_kernel, chunk=chunk, n_chunks=n_chunks, size=size, nv=nv,
                         scale=scale, reverse=reverse, diag=diag, column_scan=column_scan,
                         half=half),
-      (b, h, nb * nv),
-      [q_spec, k_spec, v_spec, _seq_spec(t, kd), _seq_spec(t, vd, nv), _state_spec(kd, vd, nv)],
-      out_specs, out_shape, "gla_states_pass", interpret)(q, k, v, g, do, s_in)
-
-
-def _carry_few(w_local, lam, dht, s_leave):
-  """The gradient of the state leaving each of a few blocks, and the gate's carry at each
-  block's end (as block_carry.dstates_leaving, whose one program per key row costs more than
-  this XLA form for 2-3 blocks of many sequences: BENCHMARKS.md)."""
-  decay = jnp.exp(lam[:, :, :, 0, :])  # [B, H, NB, K]
-  ds, outs = dht, []
-  for j in reversed(range(w_local.shape[3])):
-    outs.append(ds)
-    ds = decay[:, :, j, :, None] * ds + w_local[:, :, :, j]
-  ds_out = jnp.stack(outs[::-1], axis=3)
-  dgc = jnp.sum(s_leave * ds_out, axis=-1).transpose(0, 1, 3, 2)[:, :, :, None, :]
-  return ds_out, dgc
+      (b, h, nb * nv), in_specs, out_specs, out_shape, "gla_states_pass", interpret)(*inputs)
 
 
 def backward(q, k, v, g, do, residuals, dht, dg0, *, scale, reverse, packed_vd=None,
@@ -698,9 +695,8 @@ def _backward(q, k, v, g, do, residuals, dht, into, *, scale, reverse, chunk, si
   qk, vs = _seq_spec(t, kd), _seq_spec(t, vd)
   w_local = None  # each block's queries' share of the gradient of the state entering it
   if half is not None:  # one forward block, walked backward as blocks of `half` chunks
-    states, w_local, lam_half, s_leave = _states_pass(
-        q, k, v, g, do, states, **common, packed=packed, interpret=interpret, half=half)
-    ds_out, dgc = _carry_few(w_local, lam_half, dht, s_leave)
+    states, ds_out, dgc = _states_pass(q, k, v, g, do, states, **common, packed=packed,
+                                       interpret=interpret, half=half, dht=dht)
     size, nb = half, -(-n_chunks // half)
     common["size"] = size
   elif not store and nb > 1:
