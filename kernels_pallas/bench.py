@@ -5,7 +5,8 @@ Times the forward and forward+backward of every backend available on the default
 softmax attention (`jax.nn.dot_product_attention`, cuDNN on GPU) at the matching DiT shape.
 bf16 q, k, v and fp32 log-gates (DiG's: log_sigmoid(x) / 16); warm-up, then the median of
 many runs, rotating among input sets so that small shapes do not run from L2.
-`--check` first compares every backend with the token-by-token reference on this device.
+`--check` first compares every backend with the token-by-token reference on this device (the
+GPU kernel twice: with sequence blocks, and as one block walked backward in halves).
 `--variants C64D16,L4W8,old=PATH` also times the GPU kernel with other settings (chunk, diagonal
 block, chunks per sequence block, warps, pipelining stages), and an older kernel module (a copy
 of a previous pallas_gpu.py) through the same custom_vjp, side by side.
@@ -173,8 +174,15 @@ def bench_shape(name, b, t, h, kd, vd, att_heads, att_dim, backends, runs, varia
   return rows
 
 
-def check(backends):
-  """Relative RMS error of output, final state and all gradients vs recurrent_gla."""
+# The GPU kernel's paths at check's shape (19 chunks of 3 x 2 sequences): by default two
+# sequence blocks; "halves" runs one forward block whose backward walks it as two (the path
+# DiG-S/2 takes at 256 px, where a sequence has 16 chunks and there are more than 264).
+_CHECK_GPU_PATHS = {"": {}, " halves": {"BLOCK_CHUNKS": 32, "BWD_BLOCK_CHUNKS": 10}}
+
+
+def check(backends, interpret=False):
+  """Relative RMS error of output, final state and all gradients vs recurrent_gla; the GPU
+  kernel on each of `_CHECK_GPU_PATHS`. interpret: run the Pallas kernels in interpret mode."""
   b, t, h, kd, vd = 2, 300, 3, 32, 64
   q, k, v, g, do = _gla_inputs(jax.random.PRNGKey(11), b, t, h, kd, vd)
   ks = jax.random.split(jax.random.PRNGKey(12), 2)
@@ -187,13 +195,17 @@ def check(backends):
       return (o, ht) + vjp((do.astype(o.dtype), dht))
     up = lambda x: x.astype(jnp.float32)
     want = grads(lambda q, k, v, g, **kw: reference.recurrent_gla(up(q), up(k), up(v), g, **kw))
-    for backend in backends:
-      got = grads(lambda *a, **kw: chunk_gla(*a, backend=backend, **kw))
+    runs = [(backend, "", {}) for backend in backends if backend != "pallas_gpu"]
+    if "pallas_gpu" in backends:
+      runs += [("pallas_gpu", path, settings) for path, settings in _CHECK_GPU_PATHS.items()]
+    for backend, path, settings in runs:
+      with module_settings(pallas_gpu, settings):
+        got = grads(lambda *a, **kw: chunk_gla(*a, backend=backend, interpret=interpret, **kw))
       err = {n: float(np.sqrt(np.mean((np.float64(x) - np.float64(y)) ** 2) /
                               np.mean(np.float64(y) ** 2)))
              for n, x, y in zip(("o", "ht", "dq", "dk", "dv", "dg", "dh0"), got, want)}
-      results.append(dict(backend=backend, reverse=reverse, **err))
-      print(f"check {backend:11s} reverse={reverse!s:5s} " +
+      results.append(dict(backend=backend + path, reverse=reverse, **err))
+      print(f"check {backend + path:17s} reverse={reverse!s:5s} " +
             " ".join(f"{n}={e:.1e}" for n, e in err.items()), flush=True)
   return results
 
