@@ -174,9 +174,9 @@ def bench_shape(name, b, t, h, kd, vd, att_heads, att_dim, backends, runs, varia
   return rows
 
 
-# The GPU kernel's paths at check's shape (19 chunks of 3 x 2 sequences): by default two
-# sequence blocks; "halves" runs one forward block whose backward walks it as two (the path
-# DiG-S/2 takes at 256 px, where a sequence has 16 chunks and there are more than 264).
+# The GPU kernel's paths at check's shape (6 sequences of 19 chunks): by default two sequence
+# blocks; "halves" runs one forward block whose backward walks it as two (the path DiG-S/2
+# takes at 256 px: 384 sequences of 16 chunks, more than the GPU's 264 backward slots).
 _CHECK_GPU_PATHS = {"": {}, " halves": {"BLOCK_CHUNKS": 32, "BWD_BLOCK_CHUNKS": 10}}
 
 
