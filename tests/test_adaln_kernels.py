@@ -57,7 +57,7 @@ def _check(backend, shape, dtype, tol, seed=0):
 
 # (N, T, D) and DiG's (N, h, w, D): D = 48 (padded to 64), DiG-S's 384, XL's 1152 (2 rows a
 # block), a token count with only a factor 2 (blocks of 2 rows), several blocks per example
-SHAPES = [(2, 8, 48), (2, 4, 8, 384), (3, 6, 1152), (2, 64, 32), (1, 6, 16)]
+SHAPES = [(2, 8, 48), (2, 4, 8, 384), (3, 6, 1152), (2, 8, 1152), (2, 64, 32), (1, 6, 16)]
 
 
 @pytest.mark.parametrize("backend", ["reference", "pallas_gpu"])
@@ -76,6 +76,13 @@ def test_small_blocks_split_each_example(monkeypatch):
   monkeypatch.setattr(pallas_gpu, "BLOCK_ELEMENTS", 128)
   assert pallas_gpu.block_rows(32, 48) == 2
   _check("pallas_gpu", (2, 32, 48), jnp.float32, 1e-5, seed=2)
+
+
+def test_wide_rows_get_four_rows_a_block():
+  """D = 1152 pads to 2048 columns: 4 rows a program (2 ran slower on an H100), D = 384 8."""
+  assert pallas_gpu.block_rows(256, 1152) == 4
+  assert pallas_gpu.block_rows(256, 384) == 8
+  assert pallas_gpu.block_rows(6, 1152) == 2  # T's power-of-two factor still bounds it
 
 
 def test_kernels_lower_for_cuda():

@@ -23,6 +23,10 @@ from jax.experimental.pallas import triton as pltriton
 from kernels_pallas.tiling import largest_pow2_divisor
 
 BLOCK_ELEMENTS = 4096  # rows x padded D per program: the backward holds ~4 such f32 tiles
+# Wider rows (D padded past 1024, e.g. XL's 1152 -> 2048) get twice the elements, so 4 rows a
+# program, not 2: fwd+bwd 18 % faster at DiG-XL/2's shapes on an H100, while D = 384 is slower
+# with more than BLOCK_ELEMENTS (BENCHMARKS.md).
+WIDE_BLOCK_ELEMENTS = 8192
 MIN_ROWS = 2
 NUM_WARPS = 4
 f32 = jnp.float32
@@ -33,15 +37,19 @@ def padded(d):
   return 1 << max(0, d - 1).bit_length()
 
 
+def _most_rows(d):
+  elements = BLOCK_ELEMENTS if padded(d) <= 1024 else WIDE_BLOCK_ELEMENTS
+  return max(1, elements // padded(d))
+
+
 def block_rows(t, d):
-  return largest_pow2_divisor(t, max(1, BLOCK_ELEMENTS // padded(d)))
+  return largest_pow2_divisor(t, _most_rows(d))
 
 
 def supports(t, d):
   """Whether T tokens of width D suit the blocks: D >= 16, and MIN_ROWS rows per program (T's
   power-of-two factor) unless D is so wide that a block holds fewer anyway."""
-  most = max(1, BLOCK_ELEMENTS // padded(d))
-  return d >= 16 and block_rows(t, d) >= min(MIN_ROWS, most)
+  return d >= 16 and block_rows(t, d) >= min(MIN_ROWS, _most_rows(d))
 
 
 def _index(rows, d):
