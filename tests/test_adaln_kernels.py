@@ -55,7 +55,7 @@ def _check(backend, shape, dtype, tol, seed=0):
     assert _rel_rms(np.asarray(got.astype(jnp.float32)).reshape(expected.shape), expected) < tol
 
 
-# (N, T, D) and DiG's (N, h, w, D): D = 48 (padded to 64), DiG-S's 384, XL's 1152 (2 rows a
+# (N, T, D) and DiG's (N, h, w, D): D = 48 (padded to 64), DiG-S's 384, XL's 1152 (2 or 4 rows a
 # block), a token count with only a factor 2 (blocks of 2 rows), several blocks per example
 SHAPES = [(2, 8, 48), (2, 4, 8, 384), (3, 6, 1152), (2, 8, 1152), (2, 64, 32), (1, 6, 16)]
 
@@ -135,3 +135,4 @@ def test_dit_with_the_kernels_matches_the_jnp_norms():
   np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
   for got, want in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
     np.testing.assert_allclose(got, want, rtol=2e-3, atol=1e-6)
+
