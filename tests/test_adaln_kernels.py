@@ -85,8 +85,9 @@ def test_wide_rows_get_four_rows_a_block():
   assert pallas_gpu.block_rows(6, 1152) == 2  # T's power-of-two factor still bounds it
 
 
-def test_kernels_lower_for_cuda():
-  x, shift, scale, dy = _inputs((2, 256, 384), jnp.bfloat16, 0)
+@pytest.mark.parametrize("d", [384, 1152])  # blocks of 8 x 512 and 4 x 2048
+def test_kernels_lower_for_cuda(d):
+  x, shift, scale, dy = _inputs((2, 256, d), jnp.bfloat16, 0)
   loss = lambda x, s, c: jnp.sum(layer_norm_modulate(x, s, c, backend="pallas_gpu") * dy)
   text = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).trace(x, shift, scale).lower(
       lowering_platforms=("cuda",)).as_text()
@@ -135,4 +136,3 @@ def test_dit_with_the_kernels_matches_the_jnp_norms():
   np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
   for got, want in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
     np.testing.assert_allclose(got, want, rtol=2e-3, atol=1e-6)
-
