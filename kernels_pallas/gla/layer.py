@@ -29,6 +29,7 @@ from kernels_pallas.gated_norm import pallas_gpu as gated_norm_gpu
 from kernels_pallas.gated_norm import reference as gated_norm_ref
 from kernels_pallas.gla import api as gla_api
 from kernels_pallas.gla import pallas_gpu as gla_gpu
+from kernels_pallas.tiling import largest_pow2_divisor
 
 f32 = jnp.float32
 
@@ -192,9 +193,27 @@ def _gate_backward(y, gate_kernel, g, dg, layout):
   r = y[..., layout.low_rank_offset:]
   rows = lambda x: x.reshape(-1, x.shape[-1])
   dr = jnp.dot(dpre, gate_kernel.astype(y.dtype).T)
-  dkernel = jnp.dot(rows(r).T, rows(dpre), preferred_element_type=f32)
+  dkernel = rows_transpose_dot(rows(r), rows(dpre))
   dbias = jnp.sum(rows(dpre).astype(f32), axis=0)
   return dr, dkernel.astype(gate_kernel.dtype), dbias
+
+
+ROW_BLOCK = 512
+
+
+def rows_transpose_dot(a, b):
+  """a.T @ b in float32 for a [M, I] and b [M, J] (a weight gradient summed over M rows).
+
+  Where M is not a multiple of ROW_BLOCK, the rows go in blocks of M's largest power-of-two
+  factor (at least 64) as one batched product, summed after. Why: XLA's GPU gemm for this
+  narrow [I, J] output pads both operands' rows to a multiple of 512 first (two pad passes,
+  75 us a DiG-S/2 step at one 1792 px image, 12,544 rows; BENCHMARKS.md)."""
+  m = a.shape[0]
+  block = largest_pow2_divisor(m, ROW_BLOCK)
+  if block == ROW_BLOCK or block < 64:
+    return jnp.dot(a.T, b, preferred_element_type=f32)
+  blocks = lambda x: x.reshape(m // block, block, x.shape[1])
+  return jnp.einsum("mci,mcj->mij", blocks(a), blocks(b), preferred_element_type=f32).sum(0)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
