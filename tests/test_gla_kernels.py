@@ -477,3 +477,37 @@ def test_bench_check_covers_the_backward_halves(monkeypatch):
   assert 10 in halves and None in halves
   for r in rows:
     assert max(v for n, v in r.items() if n not in ("backend", "reverse")) < 5e-3, r
+
+
+@pytest.mark.parametrize("dtype,reverse,block_chunks", [
+    (jnp.float32, False, None), (jnp.float32, True, 2), (jnp.bfloat16, False, 2)])
+def test_gpu_backward_gives_the_gate_preactivation_gradient(monkeypatch, dtype, reverse,
+                                                            block_chunks):
+  """`gate_normalizer`: the backward returns dL/dz for g = log_sigmoid(z) / 16 (in q's dtype)
+  instead of dg; checked against autodiff through the token-by-token reference. Some z are
+  far below -160, so their gates sit under the kernels' floor of -10."""
+  monkeypatch.setattr(pallas_gpu, "BLOCK_CHUNKS", block_chunks)
+  b, t, h, kd, vd = 1, 64, 2, 32, 64
+  (q, k, v, _, _), (do, _) = _inputs(7, b, t, h, kd, vd, dtype, False)
+  z = 3.0 * jax.random.normal(jax.random.PRNGKey(8), (b, t, h, kd))
+  z = z.at[0, 5:9, 0, :4].set(-250.0)
+  gate = lambda z: jax.nn.log_sigmoid(z) / 16.0
+  kw = dict(scale=kd ** -0.5, reverse=reverse)
+
+  def ref(z):
+    args = (a.astype(jnp.float32) for a in (q, k, v))
+    return reference.recurrent_gla(*args, gate(z), **kw)[0]
+
+  want = jax.vjp(ref, z)[1](do.astype(jnp.float32))[0]
+  h0 = jnp.zeros((b, h, kd, vd), jnp.float32)
+
+  @jax.jit
+  def kernel_dz(z):
+    g = gate(z)
+    o, _, res = pallas_gpu.forward(q, k, v, g, h0, **kw, interpret=True)
+    return pallas_gpu.backward(q, k, v, g, do.astype(o.dtype), res, h0, None,
+                               gate_normalizer=16.0, **kw, interpret=True)[3]
+
+  got = kernel_dz(z)
+  assert got.dtype == dtype
+  assert _rel_rms(got, want) < TOLERANCE[dtype]

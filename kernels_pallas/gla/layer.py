@@ -140,10 +140,14 @@ def _one_vjp_applies(y, layout, backend, output_backend):
     return False
 
 
-def _gate_preactivation(y, gate_kernel, gate_bias, layout):
-  """r @ Wg + bg from y's low-rank columns, in y's dtype (a linear layer with y's compute
-  dtype), as float32 [N, T, H, K]."""
-  r = y[..., layout.low_rank_offset:]
+def _low_rank_input(y, layout):
+  return y[..., layout.low_rank_offset:]
+
+
+def _gate_preactivation(y, gate_kernel, gate_bias, layout, r=None):
+  """r @ Wg + bg from y's low-rank columns (r, if given, is them), in y's dtype (a linear layer
+  with y's compute dtype), as float32 [N, T, H, K]. gate_kernel may already be in y's dtype."""
+  r = _low_rank_input(y, layout) if r is None else r
   pre = jnp.dot(r, gate_kernel.astype(y.dtype)) + gate_bias.astype(y.dtype)
   return pre.astype(f32).reshape(*y.shape[:2], layout.heads, layout.key_dim)
 
@@ -175,27 +179,21 @@ def _log_sigmoid_scaled_fwd(z, normalizer):
 
 
 def _log_sigmoid_scaled_bwd(normalizer, out, g):
-  return (_log_sigmoid_scaled_grad(out, g, normalizer),)
-
-
-def _log_sigmoid_scaled_grad(out, g, normalizer):
-  return g / normalizer * -jnp.expm1(out * normalizer)
+  return (gla_gpu.preactivation_grad(out, g, normalizer),)  # the GPU kernel's formula too
 
 
 log_sigmoid_scaled.defvjp(_log_sigmoid_scaled_fwd, _log_sigmoid_scaled_bwd)
 
 
-def _gate_backward(y, gate_kernel, g, dg, layout):
-  """(dr, d gate_kernel, d gate_bias in float32) from dL/dg, for g = log_sigmoid(pre) /
-  normalizer."""
-  dpre = _log_sigmoid_scaled_grad(g, dg, layout.normalizer)
-  dpre = dpre.reshape(*y.shape[:2], -1).astype(y.dtype)
-  r = y[..., layout.low_rank_offset:]
+def _gate_backward(r, gate_kernel_in, dpre):
+  """(dr, d gate_kernel and d gate_bias in float32) from dpre = dL/d(r @ Wg + bg) [N, T, H, K]
+  in r's dtype; gate_kernel_in: Wg in r's dtype, as the forward used it."""
+  dpre = dpre.reshape(*r.shape[:2], -1)
   rows = lambda x: x.reshape(-1, x.shape[-1])
-  dr = jnp.dot(dpre, gate_kernel.astype(y.dtype).T)
+  dr = jnp.dot(dpre, gate_kernel_in.T)
   dkernel = rows_transpose_dot(rows(r), rows(dpre))
   dbias = jnp.sum(rows(dpre).astype(f32), axis=0)
-  return dr, dkernel.astype(gate_kernel.dtype), dbias
+  return dr, dkernel, dbias
 
 
 ROW_BLOCK = 512
@@ -223,8 +221,11 @@ def _fused(y, gate_kernel, gate_bias, norm_scale, out_kernel, layout, interpret)
 
 def _fused_fwd(y, gate_kernel, gate_bias, norm_scale, out_kernel, layout, interpret):
   n = y.shape[0]
-  g = log_sigmoid_scaled(_gate_preactivation(y, gate_kernel, gate_bias, layout),
-                         layout.normalizer)
+  # The weights in y's dtype are kept for the backward (not converted again there: two small
+  # launches a layer less; the float32 kernels ride along only for their dtypes), and so is
+  # r (y's low-rank columns, a [N, T, R] copy the gate's matmul reads).
+  wg, r = gate_kernel.astype(y.dtype), _low_rank_input(y, layout)
+  g = log_sigmoid_scaled(_gate_preactivation(y, wg, gate_bias, layout, r), layout.normalizer)
   h0 = jnp.zeros((n, layout.heads, layout.key_dim, layout.value_dim), f32)
   o, _, states = gla_gpu.forward(y, y, y, g, h0, scale=layout.key_dim ** -0.5,
                                  reverse=layout.reverse, packed_vd=layout.value_dim,
@@ -232,16 +233,21 @@ def _fused_fwd(y, gate_kernel, gate_bias, norm_scale, out_kernel, layout, interp
   z = gated_norm_ref.gate_columns(y, layout.gate_offset, layout.heads * layout.value_dim)
   w = out_kernel.astype(y.dtype)
   out = jnp.dot(gated_norm_ref.gated_norm(o, z, norm_scale, layout.eps), w)
-  return out, (y, g, states, o, gate_kernel, gate_bias, norm_scale, out_kernel)
+  return out, (y, g, states, o, wg, w, r, norm_scale, _dtype_marker(gate_kernel),
+               _dtype_marker(gate_bias), _dtype_marker(out_kernel))
+
+
+def _dtype_marker(x):
+  """An empty array of x's dtype: what a cotangent's dtype is read from."""
+  return jnp.zeros((0,), x.dtype)
 
 
 def _fused_bwd(layout, interpret, residuals, dout):
   # The barrier ties the residuals to the cotangent, so no backward work that needs only
   # residuals (the GLA kernel's recomputed chunk states) is scheduled during the forward.
   residuals, dout = jax.lax.optimization_barrier((residuals, dout))
-  y, g, states, o, gate_kernel, gate_bias, norm_scale, out_kernel = residuals
+  y, g, states, o, wg, w, r, norm_scale, gate_kernel, gate_bias, out_kernel = residuals
   rows = lambda x: x.reshape(-1, x.shape[-1])
-  w = out_kernel.astype(y.dtype)
   du = jnp.dot(dout, w.T).astype(o.dtype)
   # dz lands in its columns of a [N, T, W] buffer ...
   do, dy, dscale, u = gated_norm_gpu.gated_norm_backward(
@@ -251,16 +257,19 @@ def _fused_bwd(layout, interpret, residuals, dout):
   # ... dq, dk, dv in theirs, by the GLA kernel writing into the same buffer ...
   n = y.shape[0]
   dht = jnp.zeros((n, layout.heads, layout.key_dim, layout.value_dim), f32)
-  dy, dg, _ = gla_gpu.backward(y, y, y, g, do.astype(y.dtype), states, dht, None,
-                               scale=layout.key_dim ** -0.5, reverse=layout.reverse,
-                               packed_vd=layout.value_dim, column_scan=layout.column_scan,
-                               into=dy, interpret=interpret)
+  # The kernel also turns dg into the gradient of the gate's pre-activation (its
+  # `gate_normalizer`), in y's dtype: one pass over the float32 dg and g less.
+  dy, dpre, _ = gla_gpu.backward(y, y, y, g, do.astype(y.dtype), states, dht, None,
+                                 scale=layout.key_dim ** -0.5, reverse=layout.reverse,
+                                 packed_vd=layout.value_dim, column_scan=layout.column_scan,
+                                 into=dy, gate_normalizer=layout.normalizer,
+                                 interpret=interpret)
   # ... and dr in the last columns, in place.
-  dr, dgate_kernel, dgate_bias = _gate_backward(y, gate_kernel, g, dg, layout)
+  dr, dgate_kernel, dgate_bias = _gate_backward(r, wg, dpre)
   dy = jax.lax.dynamic_update_slice_in_dim(dy, dr.astype(dy.dtype), layout.low_rank_offset,
                                            axis=2)
-  return (dy, dgate_kernel, dgate_bias.astype(gate_bias.dtype), dscale.astype(norm_scale.dtype),
-          dout_kernel.astype(out_kernel.dtype))
+  return (dy, dgate_kernel.astype(gate_kernel.dtype), dgate_bias.astype(gate_bias.dtype),
+          dscale.astype(norm_scale.dtype), dout_kernel.astype(out_kernel.dtype))
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)

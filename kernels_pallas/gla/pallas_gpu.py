@@ -372,8 +372,9 @@ def _bwd_states_kernel(q_ref, g_ref, do_ref, w_ref, *, chunk, n_chunks, size, sc
 
 def _bwd_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, states_ref, ds_ref, dgc_ref,
                 dq_ref, dk_ref, dv_ref, dg_ref, ds_in_ref, *, chunk, n_chunks, size, scale,
-                reverse, diag, column_scan, grad_cols=(0, 0, 0)):
-  """grad_cols: the first columns of dq, dk and dv in their refs (the packed gradient)."""
+                reverse, diag, column_scan, grad_cols=(0, 0, 0), gate_normalizer=None):
+  """grad_cols: the first columns of dq, dk and dv in their refs (the packed gradient).
+  gate_normalizer: see `backward`."""
   walk = _Walk(pl.program_id(2), n_chunks, size, chunk, reverse, diag, column_scan)
   kd, vd = q_ref.shape[-1], v_ref.shape[-1]
   dq_cols, dk_cols, dv_cols = (pl.ds(c, d) for c, d in zip(grad_cols, (kd, kd, vd)))
@@ -381,17 +382,27 @@ def _bwd_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, states_ref, ds_ref, dgc_ref,
   def step(n, carry):
     dstate, dg_carry = carry
     idx, rows = walk.rows(n)
+    g = walk.gates(g_ref, rows)
     dq, dk, dv, dg, dstate, dg_carry = chunk_math.backward(
-        q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], walk.gates(g_ref, rows),
-        do_ref[rows, :], states_ref[idx], dstate, dg_carry, scale=scale, reverse=reverse,
-        ops=OPS, diag=diag)
+        q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], g, do_ref[rows, :], states_ref[idx],
+        dstate, dg_carry, scale=scale, reverse=reverse, ops=OPS, diag=diag)
     dq_ref[rows, dq_cols] = dq.astype(dq_ref.dtype)
     dk_ref[rows, dk_cols] = dk.astype(dk_ref.dtype)
     dv_ref[rows, dv_cols] = dv.astype(dv_ref.dtype)
-    dg_ref[rows, :] = dg
+    if gate_normalizer is not None:
+      dg = preactivation_grad(g, dg, gate_normalizer)
+    dg_ref[rows, :] = dg.astype(dg_ref.dtype)
     return dstate, dg_carry
 
   ds_in_ref[...], _ = walk.backward(step, (ds_ref[...], dgc_ref[...]))
+
+
+def preactivation_grad(g, dg, normalizer):
+  """dL/dz from dL/dg for g = log_sigmoid(z) / normalizer (float32): needs only g, since
+  d/dz log_sigmoid(z) = 1 - sigmoid(z) = -expm1(log_sigmoid(z)). Gates raised to the kernels'
+  floor (-10) give the same value as the raw gates: both exponents are below -150, where
+  expm1 is -1 in float32."""
+  return dg / normalizer * -jnp.expm1(g * normalizer)
 
 
 def _seq_spec(t, d, nv=1):  # one (batch, head[, V tile]) slice of [B, T, H, D], all of T
@@ -640,11 +651,15 @@ def _states_pass(q, k, v, g, do, s_in, *, chunk, n_chunks, size, scale, reverse,
 
 
 def backward(q, k, v, g, do, residuals, dht, dg0, *, scale, reverse, packed_vd=None,
-             column_scan=None, into=None, interpret=False):
+             column_scan=None, into=None, gate_normalizer=None, interpret=False):
   """Returns (dq, dk, dv, dg, dh0); with `packed_vd` (as in `forward`): (dqkv, dg, dh0), dqkv
   [B, T, H * (2K + V)] in the packed layout, written by the kernel (no concatenation).
   into (packed only): a [B, T, W >= H * (2K + V)] array the kernel writes dq, dk and dv into
   (aliased, no copy; its other columns keep their values), returned as dqkv.
+  gate_normalizer: where g = log_sigmoid(z) / gate_normalizer (DiG's forget gate), the
+  gradient of z instead of dg, in q's dtype (`preactivation_grad`, as the gate's own backward
+  would compute it from dg): the kernel writes it in place of dg, so no float32 dg is written
+  and read back by a separate pass.
   column_scan: as given to `forward`.
   dg0 = sum_V(ht * dht) is recomputed per block from the residuals (it is the last block's
   carry) and not used."""
@@ -664,7 +679,8 @@ def backward(q, k, v, g, do, residuals, dht, dg0, *, scale, reverse, packed_vd=N
                    column_scan=_checked_column_scan(column_scan, g.shape[1], chunk),
                    store=stored == 2,
                    packed=_packed(g, packed_vd), interpret=interpret,
-                   tuning=_tuning())
+                   tuning=_tuning(),
+                   gate_normalizer=None if gate_normalizer is None else float(gate_normalizer))
 
 
 def _packed_bwd_kernel(*refs, heads, kd, vd, into, **kw):
@@ -679,11 +695,11 @@ def _packed_bwd_kernel(*refs, heads, kd, vd, into, **kw):
   _bwd_kernel(*ins, dqkv_ref, dqkv_ref, dqkv_ref, dg_ref, ds_in_ref, grad_cols=cols, **kw)
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC + ("half",))
+@functools.partial(jax.jit, static_argnames=_STATIC + ("half", "gate_normalizer"))
 def _backward(q, k, v, g, do, residuals, dht, into, *, scale, reverse, chunk, size, diag,
-              column_scan, store, packed, interpret, tuning, half=None):
+              column_scan, store, packed, interpret, tuning, half=None, gate_normalizer=None):
   """half: the backward's blocks when the forward's one block is split in its backward
-  (`backward_block_chunks`)."""
+  (`backward_block_chunks`); gate_normalizer: as in `backward`."""
   del tuning  # a cache key only (`_tuning`)
   states, s_out, lam = residuals  # states: entering each chunk if stored, else each block
   b, t, h, kd, vd = _dims(g, v, packed)
@@ -715,6 +731,7 @@ def _backward(q, k, v, g, do, residuals, dht, into, *, scale, reverse, chunk, si
     if w_local is None:
       w_local = _bwd_block_states(q, g, do, **common, packed=packed, interpret=interpret)
     ds_out, dgc = block_carry.dstates_leaving(w_local, lam, dht, s_out, interpret=interpret)
+  common["gate_normalizer"] = gate_normalizer
   if packed:
     kernel = functools.partial(_packed_bwd_kernel, heads=h, kd=kd, vd=vd,
                                into=into is not None, **common)
@@ -734,9 +751,10 @@ def _backward(q, k, v, g, do, residuals, dht, into, *, scale, reverse, chunk, si
     inputs.append(into)
     in_specs.append(grad_specs[0])
     aliases = {len(inputs) - 1: 0}
+  dg_dtype = f32 if gate_normalizer is None else q.dtype
   *grads, dg, ds_in = _call(
       kernel, (b, h, nb), in_specs, [*grad_specs, qk, _state_spec(kd, vd)],
-      [*grad_shapes, jax.ShapeDtypeStruct(g.shape, f32),
+      [*grad_shapes, jax.ShapeDtypeStruct(g.shape, dg_dtype),
        jax.ShapeDtypeStruct((b, h, kd, nb, vd), f32)], "gla_bwd", interpret, aliases,
   )(*inputs)
   return (*grads, dg, ds_in[:, :, :, 0])
