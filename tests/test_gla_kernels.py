@@ -64,13 +64,18 @@ def test_kernel_matches_recurrent_reference(backend, case):
 
 # The GPU kernel splits the sequence into blocks of chunks (states across blocks by an XLA pass);
 # the cases above run with one or two blocks. Force many, including a short last block.
-@pytest.mark.parametrize("case,block_chunks", [
+_BLOCK_CASES = [
     ("T%C!=0, K=36 V=72, h0", 3),                 # 4 chunks: blocks of 3 + 1
     ("K=V=64, strong, BH=4", 1),                  # 5 chunks, one per block
     ("bf16 K=32 V=64, reverse, h0", 2),           # reverse scan over 2 blocks
     ("bf16 K=32 V=64, strong, T=300", 3),         # 10 chunks: 3 + 3 + 3 + 1
-])
-@pytest.mark.parametrize("recompute", [True, False])
+]
+
+
+# Stored chunk states (RECOMPUTE_STATES off, not the default) on two of the cases.
+@pytest.mark.parametrize("case,block_chunks,recompute",
+                         [(*c, True) for c in _BLOCK_CASES]
+                         + [(*c, False) for c in _BLOCK_CASES[2:]])
 def test_gpu_kernel_sequence_blocks(monkeypatch, case, block_chunks, recompute):
   monkeypatch.setattr(pallas_gpu, "BLOCK_CHUNKS", block_chunks)
   monkeypatch.setattr(pallas_gpu, "RECOMPUTE_STATES", recompute)

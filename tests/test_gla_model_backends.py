@@ -1,5 +1,7 @@
 """DiG with the jnp reference GLA, conv and SwiGLU backward against DiG with Pallas kernels
 (interpret mode): same parameters, same output and parameter gradients."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,34 +17,39 @@ def _model(backend, conv_backend="reference", elementwise_backend="reference"):
                       elementwise_backend=elementwise_backend, pallas_interpret=backend != "reference")
 
 
-@pytest.mark.parametrize("backend,conv_backend,elementwise_backend", [
-    ("pallas_gpu", "reference", "reference"), ("pallas_tpu", "reference", "reference"),
-    ("pallas_gpu", "pallas_gpu", "pallas_gpu")])
-def test_dig_matches_reference_backend(backend, conv_backend, elementwise_backend):
+def _out_and_grads(backend, conv_backend="reference", elementwise_backend="reference"):
+  """The model's output and parameter gradients of a squared error, on fixed random inputs."""
   ks = jax.random.split(jax.random.PRNGKey(0), 2)
   x = jax.random.normal(ks[0], (2, 8, 8, 4))
   t = jnp.array([3, 700])
   y = jnp.array([1, 7])
   target = jax.random.normal(ks[1], (2, 8, 8, 8))
+  # adaLN-Zero starts at zero, so perturb every parameter to make the GLA path count.
+  graphdef, params = nnx.split(_model(backend, conv_backend, elementwise_backend), nnx.Param)
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+  params = jax.tree.unflatten(tree, [p + 0.02 * jax.random.normal(kk, p.shape)
+                                     for p, kk in zip(leaves, keys)])
 
-  def loss_and_grads(model):
-    # adaLN-Zero starts at zero, so perturb every parameter to make the GLA path count.
-    graphdef, params = nnx.split(model, nnx.Param)
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
-    params = jax.tree.unflatten(tree, [p + 0.02 * jax.random.normal(kk, p.shape)
-                                       for p, kk in zip(leaves, keys)])
+  def loss(params):
+    out = nnx.merge(graphdef, params)(x, t, y)
+    return jnp.mean((out - target) ** 2), out
 
-    def loss(params):
-      out = nnx.merge(graphdef, params)(x, t, y)
-      return jnp.mean((out - target) ** 2), out
+  # jit: interpret-mode kernels run as one compiled program, not op by op
+  (_, out), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+  return out, jax.tree.leaves(grads)
 
-    # jit: interpret-mode kernels run as one compiled program, not op by op
-    (value, out), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
-    return out, jax.tree.leaves(grads)
 
-  want_out, want_grads = loss_and_grads(_model("reference"))
-  got_out, got_grads = loss_and_grads(_model(backend, conv_backend, elementwise_backend))
+_reference_out_and_grads = functools.lru_cache(maxsize=None)(
+    lambda: _out_and_grads("reference"))  # computed once per test process
+
+
+@pytest.mark.parametrize("backend,conv_backend,elementwise_backend", [
+    ("pallas_gpu", "reference", "reference"), ("pallas_tpu", "reference", "reference"),
+    ("pallas_gpu", "pallas_gpu", "pallas_gpu")])
+def test_dig_matches_reference_backend(backend, conv_backend, elementwise_backend):
+  want_out, want_grads = _reference_out_and_grads()
+  got_out, got_grads = _out_and_grads(backend, conv_backend, elementwise_backend)
   np.testing.assert_allclose(got_out, want_out, rtol=1e-4, atol=1e-5)
   for g, w in zip(got_grads, want_grads):
     np.testing.assert_allclose(g, w, rtol=2e-3, atol=1e-5)
