@@ -516,16 +516,3 @@ def test_gpu_backward_gives_the_gate_preactivation_gradient(monkeypatch, dtype, 
   got = kernel_dz(z)
   assert got.dtype == dtype
   assert _rel_rms(got, want) < TOLERANCE[dtype]
-
-
-def test_gpu_forward_gated_output_needs_the_packed_layout():
-  q = jnp.ones((1, 32, 2, 16))
-  v = jnp.ones((1, 32, 2, 32))
-  h0 = jnp.zeros((1, 2, 16, 32))
-  with pytest.raises(ValueError, match="gated_norm needs the packed layout"):
-    pallas_gpu.forward(q, q, v, q, h0, scale=0.25, reverse=False,
-                       gated_norm=(128, jnp.ones(32), 1e-6), interpret=True)
-  y = jnp.ones((1, 32, 2 * (2 * 16 + 32) + 2 * 32))
-  with pytest.raises(ValueError, match="gate_offset=100"):
-    pallas_gpu.forward(y, y, y, q, h0, scale=0.25, reverse=False, packed_vd=32,
-                       gated_norm=(100, jnp.ones(32), 1e-6), interpret=True)

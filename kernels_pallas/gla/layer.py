@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from kernels_pallas import batch_sharding
 from kernels_pallas.gated_norm import api as gated_norm_api
 from kernels_pallas.gated_norm import pallas_gpu as gated_norm_gpu
+from kernels_pallas.gated_norm import reference as gated_norm_ref
 from kernels_pallas.gla import api as gla_api
 from kernels_pallas.gla import pallas_gpu as gla_gpu
 from kernels_pallas.tiling import largest_pow2_divisor
@@ -226,14 +227,12 @@ def _fused_fwd(y, gate_kernel, gate_bias, norm_scale, out_kernel, layout, interp
   wg, r = gate_kernel.astype(y.dtype), _low_rank_input(y, layout)
   g = log_sigmoid_scaled(_gate_preactivation(y, wg, gate_bias, layout, r), layout.normalizer)
   h0 = jnp.zeros((n, layout.heads, layout.key_dim, layout.value_dim), f32)
-  # The GLA kernel also writes the gated output u, so no pass reads o and z back (z starts on
-  # a V boundary: 2 H K is a multiple of V wherever the packed kernels run).
-  o, _, states, u = gla_gpu.forward(
-      y, y, y, g, h0, scale=layout.key_dim ** -0.5, reverse=layout.reverse,
-      packed_vd=layout.value_dim, column_scan=layout.column_scan,
-      gated_norm=(layout.gate_offset, norm_scale, layout.eps), interpret=interpret)
+  o, _, states = gla_gpu.forward(y, y, y, g, h0, scale=layout.key_dim ** -0.5,
+                                 reverse=layout.reverse, packed_vd=layout.value_dim,
+                                 column_scan=layout.column_scan, interpret=interpret)
+  z = gated_norm_ref.gate_columns(y, layout.gate_offset, layout.heads * layout.value_dim)
   w = out_kernel.astype(y.dtype)
-  out = jnp.dot(u, w)
+  out = jnp.dot(gated_norm_ref.gated_norm(o, z, norm_scale, layout.eps), w)
   return out, (y, g, states, o, wg, w, r, norm_scale, _dtype_marker(gate_kernel),
                _dtype_marker(gate_bias), _dtype_marker(out_kernel))
 

@@ -280,16 +280,10 @@ def _fwd_states_kernel(k_ref, v_ref, g_ref, u_ref, lam_ref, *, chunk, n_chunks, 
   lam_ref[...] = lam
 
 
-def _fwd_kernel(q_ref, k_ref, v_ref, g_ref, s_in_ref, *refs, chunk, n_chunks, size, nv,
-                scale, reverse, diag, column_scan, gated_eps=None):
-  """refs: (o_ref, s_out_ref[, states_ref]), the last the state entering every chunk
-  (RECOMPUTE_STATES off); with `gated_eps` (see `forward`'s gated_norm) the refs start with
-  z_ref, norm_scale_ref and end with u_ref."""
+def _fwd_kernel(q_ref, k_ref, v_ref, g_ref, s_in_ref, o_ref, s_out_ref, *states_ref, chunk,
+                n_chunks, size, nv, scale, reverse, diag, column_scan):
+  """states_ref: optional output of the state entering every chunk (RECOMPUTE_STATES off)."""
   walk = _Walk(pl.program_id(2) // nv, n_chunks, size, chunk, reverse, diag, column_scan)
-  gated = gated_eps is not None
-  if gated:
-    z_ref, norm_scale_ref, *refs, u_ref = refs
-  o_ref, s_out_ref, *states_ref = refs
 
   def step(n, state):
     idx, rows = walk.rows(n)
@@ -298,23 +292,10 @@ def _fwd_kernel(q_ref, k_ref, v_ref, g_ref, s_in_ref, *refs, chunk, n_chunks, si
     o, state = chunk_math.forward(q_ref[rows, :], k_ref[rows, :], v_ref[rows, :],
                                   walk.gates(g_ref, rows), state, scale=scale, reverse=reverse,
                                   ops=OPS, diag=diag)
-    o = o.astype(o_ref.dtype)
-    o_ref[rows, :] = o
-    if gated:
-      u_ref[rows, :] = _gated_norm(o, z_ref[rows, :], norm_scale_ref[...], gated_eps)
+    o_ref[rows, :] = o.astype(o_ref.dtype)
     return state
 
   s_out_ref[...] = walk.forward(step, s_in_ref[...])
-
-
-def _gated_norm(o, z, norm_scale, eps):
-  """RMSNorm(o) * norm_scale, rounded to o's dtype, times swish(z), in o's dtype: the GLA
-  layer's output gate (gated_norm/reference.py's `gated_norm`, one head's rows)."""
-  o32 = o.astype(jnp.float32)
-  r = jax.lax.rsqrt(jnp.mean(o32 * o32, axis=1, keepdims=True) + eps)
-  normed = (o32 * r * norm_scale).astype(o.dtype).astype(jnp.float32)
-  z = z.astype(jnp.float32)
-  return (normed * z * jax.nn.sigmoid(z)).astype(o.dtype)
 
 
 def _chunk_states_kernel(k_ref, v_ref, g_ref, s_in_ref, states_ref, *, chunk, n_chunks, size,
@@ -540,7 +521,7 @@ def _bwd_block_states(q, g, do, *, chunk, n_chunks, size, scale, reverse, diag, 
 
 
 def forward(q, k, v, g, h0, *, scale, reverse, chunk=None, diag=None, block_chunks=None,
-            packed_vd=None, column_scan=None, gated_norm=None, interpret=False):
+            packed_vd=None, column_scan=None, interpret=False):
   """q, k, g [B, T, H, K]; v [B, T, H, V]; h0 [B, H, K, V] f32; T a multiple of `chunk`
   (default CHUNK); `diag`: chunk_math's scheme (default DIAG). `packed_vd` = V: q, k and v are
   all the one array [B, T, W] whose first H * (2K + V) columns are [q heads | k heads |
@@ -548,29 +529,15 @@ def forward(q, k, v, g, h0, *, scale, reverse, chunk=None, diag=None, block_chun
   column_scan = (h, w): the T tokens are an h x w raster grid, scanned column by column
   (`column_scan_ok`; o comes back in the raster order of the inputs); `backward` must be given
   the same.
-  gated_norm = (gate_offset, norm_scale [V], eps), packed only, gate_offset a multiple of V:
-  the kernel also writes DiG's gated output u = RMSNorm_head(o) * norm_scale * swish(z)
-  [B, T, H * V], z being the packed array's H * V columns from gate_offset
-  (gated_norm/reference.py's `gated_norm` of the rounded o), so that no separate pass reads o
-  and z back.
 
-  Returns (o, final state, residuals for `backward`), and u last with `gated_norm`.
+  Returns (o, final state, residuals for `backward`).
   """
   chunk, diag = chunk or CHUNK, diag or DIAG
   column_scan = _checked_column_scan(column_scan, g.shape[1], chunk)
   size, _ = _blocks(g.shape[1] // chunk, g.shape[0] * g.shape[2], block_chunks, chunk)
-  gated = None
-  if gated_norm is not None:
-    offset, norm_scale, eps = gated_norm
-    if packed_vd is None or offset % packed_vd:
-      raise ValueError(f"gla pallas_gpu: gated_norm needs the packed layout with the gate's "
-                       f"columns on a V boundary; got packed_vd={packed_vd}, gate_offset={offset}")
-    gated = (int(offset), float(eps))
-  return _forward(q, k, v, g, h0, None if gated is None else norm_scale, scale=scale,
-                  reverse=reverse, chunk=chunk, size=size, diag=diag, column_scan=column_scan,
-                  store=not RECOMPUTE_STATES, packed=_packed(g, packed_vd), gated=gated,
-                  interpret=interpret, tuning=_tuning())
-
+  return _forward(q, k, v, g, h0, scale=scale, reverse=reverse, chunk=chunk, size=size,
+                  diag=diag, column_scan=column_scan, store=not RECOMPUTE_STATES,
+                  packed=_packed(g, packed_vd), interpret=interpret, tuning=_tuning())
 
 
 def _checked_column_scan(column_scan, t, chunk):
@@ -591,10 +558,9 @@ _STATIC = ("scale", "reverse", "chunk", "size", "diag", "column_scan", "store", 
            "interpret", "tuning")
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC + ("gated",))
-def _forward(q, k, v, g, h0, norm_scale, *, scale, reverse, chunk, size, diag, column_scan,
-             store, packed, interpret, tuning, gated=None):
-  """gated: (gate_offset, eps) of `forward`'s gated_norm, with norm_scale [V]."""
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _forward(q, k, v, g, h0, *, scale, reverse, chunk, size, diag, column_scan, store, packed,
+             interpret, tuning):
   del tuning  # a cache key only (`_tuning`): the kernels read the module settings
   b, t, h, kd, vd = _dims(g, v, packed)
   n_chunks = t // chunk
@@ -607,8 +573,7 @@ def _forward(q, k, v, g, h0, norm_scale, *, scale, reverse, chunk, size, diag, c
   else:
     u, lam = _fwd_block_states(k, v, g, **common, packed=packed, interpret=interpret)
     s_in = block_carry.states_entering(u, lam, h0, interpret=interpret)
-  # The gated output normalises whole head rows: no V tiles then.
-  nv = 1 if gated else v_tiles(b * h * nb, vd)
+  nv = v_tiles(b * h * nb, vd)
   out_specs = [_seq_spec(t, vd, nv), _state_spec(kd, vd, nv)]
   out_shape = [jax.ShapeDtypeStruct((b, t, h, vd), v.dtype),
                jax.ShapeDtypeStruct((b, h, kd, nb, vd), f32)]
@@ -616,28 +581,17 @@ def _forward(q, k, v, g, h0, norm_scale, *, scale, reverse, chunk, size, diag, c
     out_specs.append(_chunk_states_spec(n_chunks, kd, vd, nv))
     out_shape.append(jax.ShapeDtypeStruct((b, h, n_chunks, kd, vd), f32))
   q_spec, k_spec, v_spec = _qkv_specs(t, kd, vd, packed, nv)
-  in_specs = [q_spec, k_spec, v_spec, _seq_spec(t, kd), _state_spec(kd, vd, nv)]
-  inputs = [q, k, v, g, s_in]
-  if gated:  # z: head i's V columns from the gate offset of the packed array; u likewise
-    first = gated[0] // vd
-    in_specs += [pl.BlockSpec((None, t, vd), lambda b, i, j: (b, 0, first + i)),
-                 pl.BlockSpec((1, vd), lambda b, i, j: (0, 0))]
-    inputs += [q, norm_scale.astype(f32).reshape(1, vd)]
-    out_specs.append(pl.BlockSpec((None, t, vd), lambda b, i, j: (b, 0, i)))
-    out_shape.append(jax.ShapeDtypeStruct((b, t, h * vd), v.dtype))
-  outs = _call(
-      functools.partial(_fwd_kernel, nv=nv, scale=scale, **common,
-                        gated_eps=gated[1] if gated else None), (b, h, nb * nv),
-      in_specs, out_specs, out_shape, "gla_fwd", interpret,
-  )(*inputs)
-  o, s_out, *states = outs[:-1] if gated else outs
+  o, s_out, *states = _call(
+      functools.partial(_fwd_kernel, nv=nv, scale=scale, **common), (b, h, nb * nv),
+      [q_spec, k_spec, v_spec, _seq_spec(t, kd), _state_spec(kd, vd, nv)], out_specs, out_shape,
+      "gla_fwd", interpret,
+  )(q, k, v, g, s_in)
   # The block size, chunk, scheme and state keeping travel in the residuals' shapes (an empty
   # [size, chunk, diag, 1 + store, 0] array), so the backward matches the forward whatever the
   # module settings are when it is traced. Without stored states the residual is the state
   # entering each block (1 / size of them).
   marker = jnp.zeros((size, chunk, diag, 1 + store, 0), jnp.int8)
-  result = o, s_out[:, :, :, -1], (states[0] if store else s_in, s_out, lam, marker)
-  return result + (outs[-1],) if gated else result
+  return o, s_out[:, :, :, -1], (states[0] if store else s_in, s_out, lam, marker)
 
 
 def _chunk_states_spec(n_chunks, kd, vd, nv):  # [B, H, NC, K, V]: all chunks of a (b, h)
