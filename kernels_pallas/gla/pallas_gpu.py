@@ -399,9 +399,10 @@ def _bwd_kernel(q_ref, k_ref, v_ref, g_ref, do_ref, states_ref, ds_ref, dgc_ref,
 
 def preactivation_grad(g, dg, normalizer):
   """dL/dz from dL/dg for g = log_sigmoid(z) / normalizer (float32): needs only g, since
-  d/dz log_sigmoid(z) = 1 - sigmoid(z) = -expm1(log_sigmoid(z)). Gates raised to the kernels'
-  floor (-10) give the same value as the raw gates: both exponents are below -150, where
-  expm1 is -1 in float32."""
+  d/dz log_sigmoid(z) = 1 - sigmoid(z) = -expm1(log_sigmoid(z)). In the kernel g is the gate
+  raised to the scheme's floor (-10): with DiG's normalizer 16 that changes nothing (16 g <=
+  -160 either way, where expm1 is -1 in float32); with a smaller one, the gradient of a
+  floored gate is taken at the floor, as its dg is."""
   return dg / normalizer * -jnp.expm1(g * normalizer)
 
 
