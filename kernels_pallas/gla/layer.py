@@ -222,8 +222,8 @@ def _fused(y, gate_kernel, gate_bias, norm_scale, out_kernel, layout, interpret)
 def _fused_fwd(y, gate_kernel, gate_bias, norm_scale, out_kernel, layout, interpret):
   n = y.shape[0]
   # The weights in y's dtype are kept for the backward (not converted again there: two small
-  # launches a layer less; the float32 kernels ride along only for their dtypes), and so is
-  # r (y's low-rank columns, a [N, T, R] copy the gate's matmul reads).
+  # launches a layer less; the parameters themselves are kept only for their dtypes), and so
+  # is r (y's low-rank columns, a [N, T, R] copy the gate's matmul reads).
   wg, r = gate_kernel.astype(y.dtype), _low_rank_input(y, layout)
   g = log_sigmoid_scaled(_gate_preactivation(y, wg, gate_bias, layout, r), layout.normalizer)
   h0 = jnp.zeros((n, layout.heads, layout.key_dim, layout.value_dim), f32)
@@ -233,13 +233,7 @@ def _fused_fwd(y, gate_kernel, gate_bias, norm_scale, out_kernel, layout, interp
   z = gated_norm_ref.gate_columns(y, layout.gate_offset, layout.heads * layout.value_dim)
   w = out_kernel.astype(y.dtype)
   out = jnp.dot(gated_norm_ref.gated_norm(o, z, norm_scale, layout.eps), w)
-  return out, (y, g, states, o, wg, w, r, norm_scale, _dtype_marker(gate_kernel),
-               _dtype_marker(gate_bias), _dtype_marker(out_kernel))
-
-
-def _dtype_marker(x):
-  """An empty array of x's dtype: what a cotangent's dtype is read from."""
-  return jnp.zeros((0,), x.dtype)
+  return out, (y, g, states, o, wg, w, r, norm_scale, gate_kernel, gate_bias, out_kernel)
 
 
 def _fused_bwd(layout, interpret, residuals, dout):

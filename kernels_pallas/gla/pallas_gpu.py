@@ -732,15 +732,14 @@ def _backward(q, k, v, g, do, residuals, dht, into, *, scale, reverse, chunk, si
     if w_local is None:
       w_local = _bwd_block_states(q, g, do, **common, packed=packed, interpret=interpret)
     ds_out, dgc = block_carry.dstates_leaving(w_local, lam, dht, s_out, interpret=interpret)
-  common["gate_normalizer"] = gate_normalizer
   if packed:
     kernel = functools.partial(_packed_bwd_kernel, heads=h, kd=kd, vd=vd,
-                               into=into is not None, **common)
+                               into=into is not None, gate_normalizer=gate_normalizer, **common)
     width = h * (2 * kd + vd) if into is None else into.shape[-1]
     grad_specs = [pl.BlockSpec((None, t, width), lambda b, i, j: (b, 0, 0))]
     grad_shapes = [jax.ShapeDtypeStruct((b, t, width), v.dtype if into is None else into.dtype)]
   else:
-    kernel = functools.partial(_bwd_kernel, **common)
+    kernel = functools.partial(_bwd_kernel, gate_normalizer=gate_normalizer, **common)
     grad_specs = [qk, qk, vs]
     grad_shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v)]
   inputs = [q, k, v, g, do, states, ds_out, dgc]
