@@ -69,7 +69,7 @@ def base_config() -> config_dict.ConfigDict:
   config.train.adam_b2 = 0.999
   config.train.weight_decay = 0.0
   config.train.grad_clip_norm = 0.0                        # 0: no clipping (the paper's recipe)
-  config.train.optimizer_layout = "auto"                   # small arrays' Adam moments as one vector
+  config.train.optimizer_layout = "auto"                   # small arrays (params, EMA, moments) as one vector
   config.train.ema_decay = 0.9999
   config.train.label_dropout = 0.1                         # null-class rate, for guidance
   config.train.log_every = 100

@@ -229,22 +229,22 @@ def _build(config):
   from flax import nnx
 
   from dig_jax.diffusion import create_schedule
-  from dig_jax.train.optimizer import flat_below, with_layout
+  from dig_jax.train.layout import StateLayout, flat_below
   from dig_jax.train.step import make_train_step
 
   model, params_count, latent = _create_model(config)
   graphdef, params = nnx.split(model, nnx.Param)
   del model
-  below = flat_below(config.get("optimizer_layout", "auto"))
-  tx = with_layout(optax.adamw(1e-4, weight_decay=0.0), below)  # the paper's recipe
+  layout = StateLayout(params, flat_below(config.get("optimizer_layout", "auto")))
+  tx = optax.adamw(1e-4, weight_decay=0.0)  # the paper's recipe
   train_config = types.SimpleNamespace(ema_decay=0.9999, label_dropout=0.1)
-  step = make_train_step(graphdef, tx, create_schedule(1000), train_config,
-                         null_class=NUM_CLASSES, learn_sigma=True, base_key=jax.random.key(1),
-                         flat_below=below)
+  step = make_train_step(graphdef, layout, tx, create_schedule(1000), train_config,
+                         null_class=NUM_CLASSES, learn_sigma=True, base_key=jax.random.key(1))
 
-  def init_state():
-    return {"step": jnp.zeros((), jnp.int32), "params": params,
-            "ema_params": jax.tree.map(jnp.copy, params), "opt_state": tx.init(params)}
+  def init_state():  # the trainer's running form (small arrays as one vector)
+    return layout.running({"step": jnp.zeros((), jnp.int32), "params": params,
+                           "ema_params": jax.tree.map(jnp.copy, params),
+                           "opt_state": tx.init(params)})
 
   return jax.jit(step, donate_argnums=0), init_state, params_count, latent
 
@@ -617,8 +617,9 @@ def build_parser():
                            "one-pass backward of DiG's SwiGLU and GLA gated output (auto, "
                            "reference, pallas_gpu)")
   parser.add_argument("--optimizer_layout", default="auto", choices=("auto", "flat", "per_leaf"),
-                      help="Adam's moments of small parameter arrays as one vector (auto, "
-                           "what training uses), of all arrays (flat), or one per array")
+                      help="small parameter arrays, their EMA and Adam's moments as one "
+                           "vector each (auto, what training uses), all arrays (flat), or "
+                           "none (per_leaf)")
   parser.add_argument("--dtype", default="bfloat16", help="compute dtype (params stay fp32)")
   parser.add_argument("--remat", default="none", choices=("none", "full", "dots"),
                       help="what each block keeps for the backward pass: everything (none), its "

@@ -109,7 +109,7 @@ def main():
   parser.add_argument("--impl", default=None, help="GLA backend or DiT attention")
   parser.add_argument("--depth", type=int, default=None)
   parser.add_argument("--optimizer_layout", default="auto", choices=("auto", "flat", "per_leaf"),
-                      help="dig_jax.bench's: how Adam's moments are laid out")
+                      help="dig_jax.bench's: which arrays share one vector")
   parser.add_argument("--steps", type=int, default=5, help="traced steps")
   parser.add_argument("--warmup", type=int, default=3)
   parser.add_argument("--top", type=int, default=40)

@@ -11,26 +11,27 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from conftest import tiny_config  # noqa: E402
 from dig_jax.diffusion import create_schedule  # noqa: E402
 from dig_jax.train import sharding  # noqa: E402
-from dig_jax.train.optimizer import flat_below, make_optimizer  # noqa: E402
+from dig_jax.train.layout import flat_below  # noqa: E402
+from dig_jax.train.optimizer import make_optimizer  # noqa: E402
 from dig_jax.train.state import create_sharded_state  # noqa: E402
 from dig_jax.train.step import make_train_step  # noqa: E402
 
 
 def one_step(mesh, config):
   below = flat_below("auto", mesh.shape["fsdp"], config.mesh.fsdp_min_size_mb)  # the trainer's
-  tx = make_optimizer(config.train, below)
-  graphdef, state, shardings = create_sharded_state(config, tx, mesh)
-  step = jax.jit(make_train_step(graphdef, tx, create_schedule(1000), config.train, null_class=10,
-                                 learn_sigma=True, base_key=jax.random.key(0),
-                                 flat_below=below),
+  tx = make_optimizer(config.train)
+  graphdef, layout, state, shardings = create_sharded_state(config, tx, mesh, below)
+  step = jax.jit(make_train_step(graphdef, layout, tx, create_schedule(1000), config.train,
+                                 null_class=10, learn_sigma=True, base_key=jax.random.key(0)),
                  in_shardings=(shardings, sharding.batch_sharding(mesh)),
                  out_shardings=(shardings, sharding.replicated(mesh)))
   rng = np.random.default_rng(0)
   batch = {"image": rng.uniform(-1, 1, (8, 32, 32, 1)).astype(np.float32),
            "label": rng.integers(0, 10, 8).astype(np.int32)}
   state, _ = step(state, sharding.global_batch(batch, mesh))
-  kernel = state["params"]["blocks"][0]["mlp"]["up"]["kernel"]
-  return ([np.asarray(x).tolist() for x in jax.tree.leaves(state["params"])],
+  params = layout.tree(state["params"])  # a large array as it is, a small one sliced
+  kernel = params["blocks"][0]["mlp"]["up"]["kernel"]
+  return ([np.asarray(x).tolist() for x in jax.tree.leaves(params)],
           str(kernel.sharding.spec), len(kernel.addressable_shards[0].data.reshape(-1)), below)
 
 
@@ -40,8 +41,8 @@ def lowers_with_kernels(mesh, config) -> dict:
   for backend, platform in (("pallas_tpu", "tpu"), ("pallas_gpu", "cuda")):
     config.model.gla_backend = backend
     tx = make_optimizer(config.train)
-    graphdef, state, shardings = create_sharded_state(config, tx, mesh)
-    step = jax.jit(make_train_step(graphdef, tx, create_schedule(1000), config.train,
+    graphdef, layout, state, shardings = create_sharded_state(config, tx, mesh, 0)
+    step = jax.jit(make_train_step(graphdef, layout, tx, create_schedule(1000), config.train,
                                    null_class=10, learn_sigma=True, base_key=jax.random.key(0)),
                    in_shardings=(shardings, sharding.batch_sharding(mesh)),
                    out_shardings=(shardings, sharding.replicated(mesh)))

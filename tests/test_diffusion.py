@@ -497,8 +497,9 @@ def test_cfg_combination(channels):
   traced = jax.jit(lambda s: D.cfg_model_fn(apply_fn, y, NUM_CLASSES, s,
                                              guidance_channels=channels)(x, t))(4.0)
   close(f64(traced), want, rtol=1e-5, atol=1e-5)  # a traced scale: one compile for all scales
-  # Channels past k (eps channel 3 under DiT's rule, and the variance) are the conditional ones.
-  np.testing.assert_array_equal(got[..., k:], cond[..., k:])
+  # Channels past k (eps channel 3 under DiT's rule, and the variance) are the conditional ones
+  # (to float32 rounding: XLA's CPU matmul may block a batch of 2N rows unlike one of N).
+  close(got[..., k:], cond[..., k:], rtol=1e-6, atol=1e-6)
   assert np.abs(got[..., :k] - cond[..., :k]).max() > 1e-2
 
 

@@ -18,7 +18,8 @@ from dig_jax.diffusion import create_schedule
 from dig_jax.train import sharding
 from dig_jax.train.checkpoint import Checkpointer
 from dig_jax.train.metrics import MetricsWriter
-from dig_jax.train.optimizer import flat_below, make_optimizer
+from dig_jax.train.layout import flat_below
+from dig_jax.train.optimizer import make_optimizer
 from dig_jax.train.state import checkpoint_form, create_sharded_state
 from dig_jax.train.step import make_train_step
 from dig_jax.train.validate import ConfigError, check_config, check_resume_config
@@ -110,11 +111,11 @@ def train(config, workdir: str) -> int:
   # --- Model, optimizer, diffusion ------------------------------------------------------------
   below = flat_below(tc.get("optimizer_layout", "auto"), mesh.shape["fsdp"],
                      config.mesh.fsdp_min_size_mb)
-  tx = make_optimizer(tc, below)
+  tx = make_optimizer(tc)
   schedule = create_schedule(config.diffusion.num_timesteps)
-  graphdef, state, state_sharding = create_sharded_state(config, tx, mesh)
+  graphdef, layout, state, state_sharding = create_sharded_state(config, tx, mesh, below)
   to_saved, from_saved, saved_abstract = checkpoint_form(
-      state, state_sharding, below, mesh, config.mesh.fsdp_min_size_mb)
+      layout, state, state_sharding, mesh, config.mesh.fsdp_min_size_mb)
 
   # --- Resume ---------------------------------------------------------------------------------
   ckpt = Checkpointer(workdir, keep=tc.keep_checkpoints, keep_every=tc.keep_every)
@@ -141,9 +142,10 @@ def train(config, workdir: str) -> int:
       json.dump(config.to_dict(), f, indent=2)
 
   # --- Step -----------------------------------------------------------------------------------
-  step_fn = make_train_step(graphdef, tx, schedule, tc, null_class=config.data.num_classes,
+  step_fn = make_train_step(graphdef, layout, tx, schedule, tc,
+                            null_class=config.data.num_classes,
                             learn_sigma=config.model.learn_sigma,
-                            base_key=jax.random.key(config.seed), flat_below=below)
+                            base_key=jax.random.key(config.seed))
   replicated = sharding.replicated(mesh)
   train_step = jax.jit(step_fn, in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
                        out_shardings=(state_sharding, replicated), donate_argnums=0)
@@ -161,7 +163,8 @@ def train(config, workdir: str) -> int:
   def save():
     nonlocal last_saved
     if step != last_saved:
-      ckpt.save(to_saved(state), state["ema_params"], data_iter, config.to_dict())
+      saved = to_saved(state)
+      ckpt.save(saved, saved["ema_params"], data_iter, config.to_dict())
       last_saved = step
 
   try:

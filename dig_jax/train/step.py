@@ -7,7 +7,7 @@ import optax
 from flax import nnx
 
 from dig_jax.diffusion import training_losses
-from dig_jax.train.optimizer import global_norm
+from dig_jax.train.layout import StateLayout
 
 
 def drop_labels(key, labels, rate: float, null_class: int):
@@ -15,11 +15,11 @@ def drop_labels(key, labels, rate: float, null_class: int):
   return jnp.where(jax.random.bernoulli(key, rate, labels.shape), null_class, labels)
 
 
-def make_train_step(graphdef, tx, schedule, train_config, *, null_class: int,
-                    learn_sigma: bool, base_key, flat_below: float = 0):
-  """Returns step(state, batch) -> (state, metrics). `flat_below`: `tx` keeps the state of
-  arrays under this many elements as one vector (optimizer.py); the gradient norm is reduced
-  the same way.
+def make_train_step(graphdef, layout: StateLayout, tx, schedule, train_config, *,
+                    null_class: int, learn_sigma: bool, base_key):
+  """Returns step(state, batch) -> (state, metrics) for a state in `layout`'s running form
+  (small arrays as one vector: the gradients come that way too, and Adam, the parameter update
+  and the EMA run on the vector).
 
   Randomness (timesteps, noise, dropped labels) is a function of `base_key` and the step alone,
   so a resumed run draws exactly what an uninterrupted one would.
@@ -35,8 +35,8 @@ def make_train_step(graphdef, tx, schedule, train_config, *, null_class: int,
     noise = jax.random.normal(key_noise, x0.shape, x0.dtype)
     labels = drop_labels(key_drop, labels, label_dropout, null_class)
 
-    def loss_fn(params):
-      model = nnx.merge(graphdef, params)
+    def loss_fn(parts):
+      model = nnx.merge(graphdef, layout.params(parts))
       terms = training_losses(schedule, lambda xt, tt: model(xt, tt, labels), x0, t, noise,
                               learn_sigma=learn_sigma)
       return jnp.mean(terms["loss"]), terms
@@ -45,7 +45,7 @@ def make_train_step(graphdef, tx, schedule, train_config, *, null_class: int,
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     ema = optax.incremental_update(params, state["ema_params"], step_size=1.0 - ema_decay)
-    grad_norm = global_norm(grads, flat_below)
+    grad_norm = optax.tree.norm(grads)
     metrics = {"loss": loss, "mse": jnp.mean(terms["mse"]), "vb": jnp.mean(terms["vb"]),
                "grad_norm": grad_norm,
                "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm)}

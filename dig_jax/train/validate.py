@@ -7,7 +7,8 @@ from flax import nnx
 from dig_jax.data.sources import SOURCES
 from dig_jax.models.registry import create_model_from_config
 from dig_jax.train.sharding import mesh_shape
-from dig_jax.train.optimizer import LR_SCHEDULES, OPTIMIZER_LAYOUTS
+from dig_jax.train.layout import OPTIMIZER_LAYOUTS
+from dig_jax.train.optimizer import LR_SCHEDULES
 from kernels_pallas import conv, swiglu
 from kernels_pallas.gla.api import BACKENDS
 

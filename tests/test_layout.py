@@ -1,6 +1,6 @@
-"""Optimizer layouts: small arrays' moments in one vector update exactly as optax's per-array
-AdamW, convert to and from the per-array form checkpoints hold, and a run resumes across
-layouts."""
+"""The train state's layout: small arrays (parameters, EMA, Adam's moments) in one vector update
+exactly as optax's per-array AdamW, convert to and from the per-array form checkpoints hold, the
+slices' gradient is their concatenation, and a run resumes across layouts."""
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -11,8 +11,9 @@ import pytest
 from conftest import tiny_config
 from dig_jax.train.loop import train
 from dig_jax.train.metrics import read_metrics
-from dig_jax.train.optimizer import (ALL, flat_below, global_norm, make_optimizer,
-                                     state_for_checkpoint, state_from_checkpoint)
+from dig_jax.train.layout import ALL, StateLayout, flat_below
+from dig_jax.train.optimizer import make_optimizer
+from dig_jax.train.state import init_state
 from test_train import _restore_params
 
 
@@ -41,12 +42,20 @@ def _optax_adamw(tc):
   return tx
 
 
-def _run(tx, params, steps=3):
-  state = tx.init(params)
+def _run(tx, params, steps=3, layout=None):
+  """`steps` AdamW updates with random gradients; with a layout, on its parts."""
+  to = layout.parts if layout else (lambda t: t)
+  params, state = to(params), tx.init(to(params))
   for i in range(steps):
-    updates, state = jax.jit(tx.update)(_tree(100 + i, scale=2.0), state, params)
+    updates, state = jax.jit(tx.update)(to(_tree(100 + i, scale=2.0)), state, params)
     params = optax.apply_updates(params, updates)
-  return params, state
+  return (layout.tree(params) if layout else params), state
+
+
+def _small_concatenated(tree, below):
+  """numpy's concatenation of the leaves under `below` elements, in leaf order."""
+  leaves = [np.asarray(x) for x in jax.tree.leaves(tree)]
+  return np.concatenate([np.ravel(x) for x in leaves if x.size < below])
 
 
 # below=8: the [5] bias, [7] scale go in the vector, the [6, 5] and [3, 4, 2] kernels do not
@@ -54,42 +63,62 @@ def _run(tx, params, steps=3):
 def test_flat_layout_updates_like_optax_per_leaf(clip, below):
   tc = _train_config(clip)
   params = _tree(0)
+  layout = StateLayout(params, below)
   want, want_state = _run(_optax_adamw(tc), params)
-  got, got_state = _run(make_optimizer(tc, below), params)
+  got, got_state = _run(make_optimizer(tc), params, layout=layout)
   for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, atol=1e-7)
   assert not np.allclose(np.asarray(jax.tree.leaves(want)[0]), np.asarray(params["blocks"][0]["bias"]))
-  # the checkpoint form of the flat state is optax's per-leaf state
-  saved = state_for_checkpoint(got_state, params, below)
+  # the saved form of the flat moments is optax's per-leaf state
+  saved = layout.saved({"opt_state": got_state})["opt_state"]
   assert jax.tree.structure(saved) == jax.tree.structure(want_state)
   for a, b in zip(jax.tree.leaves(want_state), jax.tree.leaves(saved)):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("below", [ALL, 8])
-def test_checkpoint_form_round_trip_is_exact(below):
-  tc = _train_config()
-  params = _tree(1)
-  _, per_leaf = _run(make_optimizer(tc), params, steps=2)
-  mixed = state_from_checkpoint(per_leaf, params, below)
-  leaves = [np.asarray(x) for x in jax.tree.leaves(per_leaf[0].mu)]
-  want = np.concatenate([np.ravel(x) for x in leaves if x.size < below])
-  np.testing.assert_array_equal(np.asarray(mixed[0].mu["flat"]), want)  # in leaf order
-  assert [x.shape for x in mixed[0].mu["large"]] == [x.shape for x in leaves if x.size >= below]
-  assert jax.tree.structure(mixed) == jax.tree.structure(make_optimizer(tc, below).init(params))
-  back = state_for_checkpoint(mixed, params, below)
-  assert jax.tree.structure(back) == jax.tree.structure(per_leaf)
-  for a, b in zip(jax.tree.leaves(per_leaf), jax.tree.leaves(back)):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  assert state_from_checkpoint(per_leaf, params, 0) is per_leaf
-
-
 @pytest.mark.parametrize("below", [ALL, 8, 0])
-def test_global_norm(below):
-  tree = _tree(2)
-  tree["half"] = jnp.arange(5, dtype=jnp.bfloat16) - 2.5
-  want = np.sqrt(sum(np.sum(np.asarray(x, np.float64) ** 2) for x in jax.tree.leaves(tree)))
-  np.testing.assert_allclose(float(global_norm(tree, below)), want, rtol=1e-6)
+def test_saved_form_round_trip_is_exact(below):
+  tc = _train_config()
+  tx = make_optimizer(tc)
+  params = _tree(1)
+  per_array = init_state(params, tx)
+  per_array["ema_params"] = _tree(3)
+  _, per_array["opt_state"] = _run(tx, params, steps=2)
+  layout = StateLayout(jax.eval_shape(lambda: params), below)  # shapes are enough
+  running = layout.running(per_array)
+  for part in (running["params"], running["ema_params"], running["opt_state"][0].mu):
+    assert set(part) == {"flat", "large"}
+  if below:
+    np.testing.assert_array_equal(np.asarray(running["ema_params"]["flat"]),
+                                  _small_concatenated(per_array["ema_params"], below))
+    np.testing.assert_array_equal(np.asarray(running["opt_state"][0].nu["flat"]),
+                                  _small_concatenated(per_array["opt_state"][0].nu, below))
+  large = [x.shape for x in jax.tree.leaves(params) if x.size >= below]
+  assert [x.shape for x in running["params"]["large"]] == large
+  back = layout.saved(running)
+  assert jax.tree.structure(back) == jax.tree.structure(per_array)
+  for a, b in zip(jax.tree.leaves(per_array), jax.tree.leaves(back)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("below", [ALL, 8])
+def test_gradient_of_the_slices_is_their_concatenation(below):
+  params = _tree(4)
+  weights = _tree(5)
+  loss = lambda tree: sum(jnp.sum(jnp.sin(x) * w) for x, w in
+                          zip(jax.tree.leaves(tree), jax.tree.leaves(weights)))
+  layout = StateLayout(params, below)
+  parts = layout.parts(params)
+  grads = jax.grad(lambda p: loss(layout.params(p)))(parts)
+  want = jax.grad(loss)(params)  # per array, as the model's own gradient
+  np.testing.assert_allclose(np.asarray(grads["flat"]), _small_concatenated(want, below),
+                             rtol=1e-6)
+  big = [np.asarray(x) for x in jax.tree.leaves(want) if x.size >= below]
+  for a, b in zip(big, grads["large"]):
+    np.testing.assert_allclose(np.asarray(b), a, rtol=1e-6)
+  # one concatenation, not a zero-padded vector per slice
+  hlo = jax.jit(jax.grad(lambda p: loss(layout.params(p)))).lower(parts).as_text()
+  assert "stablehlo.concatenate" in hlo and "stablehlo.pad" not in hlo
 
 
 def test_layout_thresholds_and_errors():
