@@ -15,10 +15,9 @@ from tqdm import tqdm
 
 from dig_jax.diffusion import cfg_model_fn, create_schedule, ddim_sample, ddpm_sample
 from dig_jax.train import sharding
-from dig_jax.models import create_model_from_config
 from dig_jax.train.checkpoint import Checkpointer, abstract_like, checkpoint_dir
 from dig_jax.train.optimizer import make_optimizer
-from dig_jax.train.state import init_state
+from dig_jax.train.state import abstract_model, init_state
 from dig_jax.vae import load_vae
 
 SAMPLERS = ("ddpm", "ddim")
@@ -42,8 +41,7 @@ def load_run(workdir: str, step: int | None = None, *, ema: bool = True):
     raise ValueError(f"no checkpoint at step {step} in {workdir!r}; available steps: {steps}")
   config = ml_collections.ConfigDict(ckpt.read_meta(step)["config"])
   # Shapes only: nothing is initialised just to be overwritten by the restore.
-  graphdef, params = nnx.split(nnx.eval_shape(
-      lambda: create_model_from_config(config, rngs=nnx.Rngs(0))), nnx.Param)
+  graphdef, params = abstract_model(config)
   state = jax.eval_shape(lambda p: init_state(p, make_optimizer(config.train)), params)
   abstract = abstract_like(state, sharding.state_shardings(state, sharding.make_mesh()))
   params = ckpt.restore_params(step, abstract, ema=ema)
