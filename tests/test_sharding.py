@@ -16,7 +16,7 @@ from conftest import REPO, tiny_config
 from dig_jax.train.loop import train
 from dig_jax.train.checkpoint import Checkpointer
 from dig_jax.train.metrics import read_metrics
-from dig_jax.train.sharding import array_spec, mesh_shape
+from dig_jax.train.sharding import array_spec, mesh_shape, state_specs
 
 EIGHT_DEVICES = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
                  "JAX_PLATFORMS": "cpu"}
@@ -31,6 +31,17 @@ def test_array_spec_rules():
   assert array_spec((256, 256), 4, 4, 4.0) == P()                    # 0.25 MB: replicated
   assert array_spec((4096, 4096), 4, 1, 4.0) == P()                  # no fsdp axis
   assert array_spec((), 4, 4, 0.0) == P()
+
+
+def test_state_specs_keep_the_vector_of_small_arrays_replicated():
+  shape = lambda *s: jax.ShapeDtypeStruct(s, np.float32)
+  parts = {"flat": shape(2**22), "large": [shape(1024, 4096)]}
+  state = {"step": shape(), "params": parts, "ema_params": parts, "other": shape(2**22)}
+  specs = state_specs(state, 4, 1.0)
+  for name in ("params", "ema_params"):
+    assert specs[name]["flat"] == P()  # 16 MB, yet replicated: it is the layout's vector
+    assert specs[name]["large"] == [P(None, "fsdp")]
+  assert specs["other"] == P("fsdp") and specs["step"] == P()  # the size rule elsewhere
 
 
 def test_mesh_shape():

@@ -3,7 +3,7 @@
 Mesh axes: `data` (pure data parallelism) and `fsdp` (data parallelism whose devices also split
 the parameters, EMA and optimizer state). A state array is sharded along `fsdp` on its largest
 dimension divisible by the fsdp size when it holds at least `fsdp_min_size_mb`; smaller arrays,
-and every array when fsdp == 1, are replicated. Batches are split over both axes.
+the vector of small arrays (layout.py), and every array when fsdp == 1, are replicated. Batches are split over both axes.
 """
 from __future__ import annotations
 
@@ -69,12 +69,23 @@ def array_spec(shape, itemsize: int, fsdp_size: int, min_size_mb: float) -> P:
   return P()
 
 
+def state_specs(state, fsdp_size: int, min_size_mb: float = 4.0):
+  """A PartitionSpec for every array of the train state (params, EMA, optimizer, step). The
+  layout's vector of small arrays (key "flat", layout.py) stays replicated whatever its size:
+  it holds only arrays that stay replicated on their own, so the model's slices of it need no
+  gather."""
+  def spec(path, x):
+    if path and getattr(path[-1], "key", None) == "flat":
+      return P()
+    return array_spec(x.shape, np.dtype(x.dtype).itemsize, fsdp_size, min_size_mb)
+  return jax.tree_util.tree_map_with_path(spec, state)
+
+
 def state_shardings(state, mesh, min_size_mb: float = 4.0):
-  """A NamedSharding for every array of the train state (params, EMA, optimizer, step)."""
-  fsdp_size = mesh.shape["fsdp"]
-  return jax.tree.map(
-      lambda x: NamedSharding(mesh, array_spec(x.shape, np.dtype(x.dtype).itemsize, fsdp_size,
-                                               min_size_mb)), state)
+  """A NamedSharding for every array of the train state (`state_specs` on `mesh`)."""
+  return jax.tree.map(lambda spec: NamedSharding(mesh, spec),
+                      state_specs(state, mesh.shape["fsdp"], min_size_mb),
+                      is_leaf=lambda x: isinstance(x, P))
 
 
 def global_batch(local_batch: dict, mesh) -> dict:
