@@ -58,10 +58,10 @@ class StateLayout:
   def parts(self, tree):
     """{"flat": the small leaves of `tree` (shaped like `like`) raveled and concatenated,
     "large": the others}, leaf order kept."""
-    leaves = jax.tree.leaves(tree)
-    small = [jnp.ravel(x) for x, s in zip(leaves, self._is_small()) if s]
+    leaves, is_small = jax.tree.leaves(tree), self._is_small()
+    small = [jnp.ravel(x) for x, s in zip(leaves, is_small) if s]
     flat = jnp.concatenate(small) if small else jnp.zeros((0,), jnp.float32)
-    return {"flat": flat, "large": [x for x, s in zip(leaves, self._is_small()) if not s]}
+    return {"flat": flat, "large": [x for x, s in zip(leaves, is_small) if not s]}
 
   def tree(self, parts):
     """The tree shaped like `like` from `parts`."""
