@@ -126,6 +126,8 @@ def test_layout_thresholds_and_errors():
   assert flat_below("auto", 4, fsdp_min_size_mb=1.0) == 2**18  # those fsdp leaves replicated
   assert flat_below("auto", 4, fsdp_min_size_mb=16.0) == 2**20
   assert flat_below("flat") == ALL and flat_below("per_leaf") == 0
+  assert flat_below("flat", 4, fsdp_min_size_mb=16.0) == 2**22  # only what stays replicated
+  assert flat_below("per_leaf", 4) == 0
   with pytest.raises(ValueError, match="'flatten'.*expected one of"):
     flat_below("flatten")
 

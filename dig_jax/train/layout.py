@@ -12,7 +12,8 @@ arrive as one concatenation (`StateLayout.params`).
 `config.train.optimizer_layout`:
 - "auto" (default): arrays under 4 MiB in the vector (and under `mesh.fsdp_min_size_mb` when
   fsdp > 1: the sizes that stay replicated), the rest as arrays;
-- "flat": every array in the vector; "per_leaf": none.
+- "flat": every array in the vector (with fsdp > 1, every array that stays replicated);
+  "per_leaf": none.
 
 The train step runs on the "running" form: params and EMA as {"flat": vector, "large": [arrays]},
 and optax's state over that tree. Checkpoints hold the per-array form (`StateLayout.saved`,
@@ -34,15 +35,15 @@ ALL = math.inf
 
 
 def flat_below(layout: str, fsdp_size: int = 1, fsdp_min_size_mb: float = 4.0) -> float:
-  """Arrays with fewer elements than this share the vector (0: none, ALL: every one)."""
+  """Arrays with fewer elements than this share the vector (0: none, ALL: every one). With
+  fsdp > 1, only arrays that stay replicated (under `fsdp_min_size_mb`) do, whatever the layout:
+  the vector is replicated (sharding.py)."""
   if layout not in OPTIMIZER_LAYOUTS:
     raise ValueError(f"optimizer layout {layout!r}; expected one of {OPTIMIZER_LAYOUTS}")
-  if layout == "flat":
-    return ALL
   if layout == "per_leaf":
     return 0
-  limit = AUTO_FLAT_BYTES if fsdp_size == 1 else min(AUTO_FLAT_BYTES, fsdp_min_size_mb * 2**20)
-  return limit / 4  # float32 elements
+  replicated = ALL if fsdp_size == 1 else fsdp_min_size_mb * 2**20 / 4  # float32 elements
+  return min(replicated, ALL if layout == "flat" else AUTO_FLAT_BYTES / 4)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -3,7 +3,8 @@
 Mesh axes: `data` (pure data parallelism) and `fsdp` (data parallelism whose devices also split
 the parameters, EMA and optimizer state). A state array is sharded along `fsdp` on its largest
 dimension divisible by the fsdp size when it holds at least `fsdp_min_size_mb`; smaller arrays,
-the vector of small arrays (layout.py), and every array when fsdp == 1, are replicated. Batches are split over both axes.
+the vector of small arrays (layout.py), and every array when fsdp == 1, are replicated. Batches
+are split over both axes.
 """
 from __future__ import annotations
 
