@@ -23,6 +23,7 @@ option restore as they are.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -53,13 +54,22 @@ class StateLayout:
   like: Any
   below: float
 
-  def _is_small(self):
+  @functools.cached_property
+  def _is_small(self) -> list[bool]:
     return [math.prod(x.shape) < self.below for x in jax.tree.leaves(self.like)]
+
+  @functools.cached_property
+  def _tree_structure(self):
+    return jax.tree.structure(self.like)
+
+  @functools.cached_property
+  def _parts_structure(self):
+    return jax.tree.structure({"flat": 0, "large": [0] * self._is_small.count(False)})
 
   def parts(self, tree):
     """{"flat": the small leaves of `tree` (shaped like `like`) raveled and concatenated,
     "large": the others}, leaf order kept."""
-    leaves, is_small = jax.tree.leaves(tree), self._is_small()
+    leaves, is_small = jax.tree.leaves(tree), self._is_small
     small = [jnp.ravel(x) for x, s in zip(leaves, is_small) if s]
     flat = jnp.concatenate(small) if small else jnp.zeros((0,), jnp.float32)
     return {"flat": flat, "large": [x for x, s in zip(leaves, is_small) if not s]}
@@ -68,7 +78,7 @@ class StateLayout:
     """The tree shaped like `like` from `parts`."""
     leaves, treedef = jax.tree.flatten(self.like)
     large, out, offset = iter(parts["large"]), [], 0
-    for x, small in zip(leaves, self._is_small()):
+    for x, small in zip(leaves, self._is_small):
       if small:
         size = math.prod(x.shape)
         out.append(parts["flat"][offset:offset + size].reshape(x.shape))
@@ -89,11 +99,10 @@ class StateLayout:
     return tree(parts)
 
   def _is_parts(self, subtree) -> bool:
-    n_large = sum(not s for s in self._is_small())
-    return jax.tree.structure(subtree) == jax.tree.structure({"flat": 0, "large": [0] * n_large})
+    return jax.tree.structure(subtree) == self._parts_structure
 
   def _is_tree(self, subtree) -> bool:
-    return jax.tree.structure(subtree) == jax.tree.structure(self.like)
+    return jax.tree.structure(subtree) == self._tree_structure
 
   def running(self, state: dict) -> dict:
     """A per-array train state ({"step", "params", "ema_params", "opt_state"}) in running form:
