@@ -1,9 +1,12 @@
-"""`depthwise_conv3x3`: checks inputs and picks a backend (the Pallas kernel on GPUs, the
-jnp form elsewhere)."""
+"""`depthwise_conv3x3` and `gated_residual_conv3x3` (DiG's block ending: the gated residual
+add, then the conv): check inputs and pick a backend (the Pallas kernels on GPUs, the jnp form
+elsewhere)."""
 from __future__ import annotations
 
+import jax.numpy as jnp
+
 from kernels_pallas import batch_sharding
-from kernels_pallas.conv import pallas_gpu, reference
+from kernels_pallas.conv import pallas_gpu, pallas_gpu_residual, reference
 from kernels_pallas.platform import platform_of
 
 BACKENDS = ("auto", "reference", "pallas_gpu")
@@ -21,28 +24,56 @@ def resolve_backend(backend: str, x) -> str:
   return "pallas_gpu" if on_gpu and pallas_gpu.supports(*x.shape[1:]) else "reference"
 
 
+def _check_conv(name, x, kernel, bias, backend):
+  """The backend to run, after checking x, kernel and bias (and that pallas_gpu suits x)."""
+  if x.ndim != 4:
+    raise ValueError(f"{name}: x must be [N, h, w, D], got shape {x.shape}")
+  d = x.shape[-1]
+  if kernel.shape != (3, 3, d) or bias.shape != (d,):
+    raise ValueError(f"{name}: kernel must be [3, 3, {d}] and bias [{d}] for x "
+                     f"{x.shape}, got {kernel.shape} and {bias.shape}")
+  backend = resolve_backend(backend, x)
+  if backend == "pallas_gpu" and not pallas_gpu.supports(*x.shape[1:]):
+    bt, bd = pallas_gpu.blocks(x.shape[1] * x.shape[2], d)
+    raise ValueError(
+        f"{name}: pallas_gpu needs h * w with a power-of-two factor >= "
+        f"{pallas_gpu.MIN_BLOCK_T} and D with one >= 16; got h * w = {x.shape[1] * x.shape[2]} "
+        f"(factor {bt}) and D = {d} (factor {bd}); use backend='reference'")
+  return backend
+
+
+def _per_batch_shard(run, batch, batched):
+  """`run` on each device's share of the batch under the trainer's mesh, if it splits evenly."""
+  mesh = batch_sharding.ambient_mesh(batch)
+  return run if mesh is None else batch_sharding.batch_sharded(run, mesh, batched, 1)
+
+
 def depthwise_conv3x3(x, kernel, bias, *, backend: str = "auto", interpret: bool = False):
   """3x3 depthwise convolution, zero padding: x [N, h, w, D], kernel [3, 3, D], bias [D].
 
   Under a multi-device mesh set with `jax.set_mesh` (the trainer's), the Pallas kernel runs on
   each device's share of the batch when N divides evenly."""
-  if x.ndim != 4:
-    raise ValueError(f"depthwise_conv3x3: x must be [N, h, w, D], got shape {x.shape}")
-  d = x.shape[-1]
-  if kernel.shape != (3, 3, d) or bias.shape != (d,):
-    raise ValueError(f"depthwise_conv3x3: kernel must be [3, 3, {d}] and bias [{d}] for x "
-                     f"{x.shape}, got {kernel.shape} and {bias.shape}")
-  backend = resolve_backend(backend, x)
+  backend = _check_conv("depthwise_conv3x3", x, kernel, bias, backend)
   if backend == "reference":
     return reference.depthwise_conv3x3(x, kernel, bias)
-  if not pallas_gpu.supports(*x.shape[1:]):
-    bt, bd = pallas_gpu.blocks(x.shape[1] * x.shape[2], d)
-    raise ValueError(
-        f"depthwise_conv3x3: pallas_gpu needs h * w with a power-of-two factor >= "
-        f"{pallas_gpu.MIN_BLOCK_T} and D with one >= 16; got h * w = {x.shape[1] * x.shape[2]} "
-        f"(factor {bt}) and D = {d} (factor {bd}); use backend='reference'")
   run = lambda x, kernel, bias: (pallas_gpu.depthwise_conv3x3(x, kernel, bias, interpret),)
-  mesh = batch_sharding.ambient_mesh(x.shape[0])
-  if mesh is not None:
-    run = batch_sharding.batch_sharded(run, mesh, (True, False, False), 1)
-  return run(x, kernel, bias)[0]
+  return _per_batch_shard(run, x.shape[0], (True, False, False))(x, kernel, bias)[0]
+
+
+def gated_residual_conv3x3(x, gate, branch, kernel, bias, *, backend: str = "auto",
+                           interpret: bool = False):
+  """depthwise_conv3x3(x + gate[:, None, None] * branch, kernel, bias): x and branch [N, h, w,
+  D], gate [N, D]. The Pallas backend forms the sum inside the conv's kernels (and the
+  gradients of branch and gate inside its dx kernel) instead of in XLA passes around them;
+  x, gate and branch are computed in their promoted dtype, as the jnp form would."""
+  backend = _check_conv("gated_residual_conv3x3", x, kernel, bias, backend)
+  if branch.shape != x.shape or gate.shape != (x.shape[0], x.shape[-1]):
+    raise ValueError(f"gated_residual_conv3x3: branch must be shaped like x {x.shape} and gate "
+                     f"[{x.shape[0]}, {x.shape[-1]}], got {branch.shape} and {gate.shape}")
+  if backend == "reference":
+    return reference.gated_residual_conv3x3(x, gate, branch, kernel, bias)
+  dtype = jnp.result_type(x, gate, branch)
+  x, gate, branch = x.astype(dtype), gate.astype(dtype), branch.astype(dtype)
+  run = lambda *args: (pallas_gpu_residual.gated_residual_conv3x3(*args, interpret),)
+  return _per_batch_shard(run, x.shape[0], (True, True, True, False, False))(
+      x, gate, branch, kernel, bias)[0]

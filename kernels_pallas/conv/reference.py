@@ -14,3 +14,9 @@ def depthwise_conv3x3(x, kernel, bias):
   padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
   y = sum(padded[:, i:i + h, j:j + w] * kernel[i, j] for i in range(3) for j in range(3))
   return y + bias
+
+
+def gated_residual_conv3x3(x, gate, branch, kernel, bias):
+  """DiG's block ending: depthwise_conv3x3(x + gate * branch), x and branch [N, h, w, D], gate
+  [N, D] (one value per example and channel)."""
+  return depthwise_conv3x3(x + gate[:, None, None] * branch, kernel, bias)

@@ -1,0 +1,123 @@
+"""DiG's block ending, x1 = x + gate * branch then y = conv3x3(x1), as Pallas (Triton) kernels
+for GPUs: the gated residual add runs inside the conv's kernels instead of as XLA passes.
+
+Why: unfused, a training step runs the add as one XLA pass (read x and branch, write x1) before
+the conv reads x1, and the backward as one XLA multi-output reduction after the conv's dx
+kernel (read dx1 and branch; write d branch = gate * dx1 and per-example sums of dx1 * branch
+for the gate). An H100 profile of DiG-S/2 at one 1792 px image had those at about 10 and
+20 us a layer (the reduction at twice its traffic floor; BENCHMARKS.md). Here:
+- forward (`_fwd_kernel`): each tap loads x and branch and forms x1 in float32, rounded to the
+  output dtype as the unfused add would store it; the centre tap also writes x1, which the
+  kernel-gradient walk reads (so that walk is pallas_gpu's, unchanged);
+- backward (`_dx_kernel`): the conv's dx (the forward taps on dy, kernel rotated 180 degrees)
+  and, from the same registers, d branch = gate * dx1 and this block's share of the gate's
+  gradient, sum over its tokens of dx1 * branch (summed over blocks by XLA: a few hundred KB).
+The cotangent of x is dx1 itself. Blocks and settings are pallas_gpu's (`blocks`, BLOCK_T,
+BLOCK_D, NUM_WARPS).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from kernels_pallas.conv import pallas_gpu
+from kernels_pallas.conv.pallas_gpu import _TAPS, _kernel_rows, _tap, _tap_weights, _tokens
+
+
+def _fwd_kernel(x_ref, m_ref, g_ref, k_ref, b_ref, y_ref, x1_ref, *, w, bt):
+  t = x_ref.shape[0]
+  t0 = pl.multiple_of(pl.program_id(1) * bt, bt)
+  gate = g_ref[...].astype(jnp.float32)  # [1, bd]
+  acc = b_ref[...].astype(jnp.float32)
+  for tap, (i, j) in enumerate(_TAPS):
+    x1 = _tap(x_ref, t0, t, w, bt, i, j) + gate * _tap(m_ref, t0, t, w, bt, i, j)
+    x1 = x1.astype(x1_ref.dtype)  # what the unfused add stores and the conv reads
+    if (i, j) == (1, 1):
+      x1_ref[pl.ds(t0, bt), :] = x1
+    acc = acc + x1.astype(jnp.float32) * _tap_weights(k_ref, tap)
+  y_ref[pl.ds(t0, bt), :] = acc.astype(y_ref.dtype)
+
+
+def _dx_kernel(dy_ref, m_ref, g_ref, k_ref, dx_ref, dm_ref, dg_ref, *, w, bt):
+  t = dy_ref.shape[0]
+  t0 = pl.multiple_of(pl.program_id(1) * bt, bt)
+  acc = jnp.zeros((bt, dy_ref.shape[1]), jnp.float32)
+  for tap, (i, j) in enumerate(_TAPS):
+    acc = acc + _tap(dy_ref, t0, t, w, bt, i, j) * _tap_weights(k_ref, tap)
+  dx1 = acc.astype(dx_ref.dtype)
+  dx_ref[pl.ds(t0, bt), :] = dx1
+  dx1 = dx1.astype(jnp.float32)  # the stored gradient, as the unfused pass would read it
+  branch = m_ref[pl.ds(t0, bt), :].astype(jnp.float32)
+  dm_ref[pl.ds(t0, bt), :] = (g_ref[...].astype(jnp.float32) * dx1).astype(dm_ref.dtype)
+  dg_ref[...] = jnp.sum(dx1 * branch, axis=0, keepdims=True)
+
+
+def _specs(t, bd):
+  whole = pl.BlockSpec((None, t, bd), lambda b, i, c: (b, 0, c))
+  per_example = pl.BlockSpec((None, 1, bd), lambda b, i, c: (b, 0, c))
+  rows16 = pl.BlockSpec((16, bd), lambda b, i, c: (0, c))
+  return whole, per_example, rows16
+
+
+def _fwd_call(x, branch, gate, kernel16, bias, *, w, interpret):
+  n, t, d = x.shape
+  bt, bd = pallas_gpu.blocks(t, d)
+  whole, per_example, rows16 = _specs(t, bd)
+  return pl.pallas_call(
+      functools.partial(_fwd_kernel, w=w, bt=bt), grid=(n, t // bt, d // bd),
+      in_specs=[whole, whole, per_example, rows16,
+                pl.BlockSpec((1, bd), lambda b, i, c: (0, c))],
+      out_specs=[whole, whole],
+      out_shape=[jax.ShapeDtypeStruct((n, t, d), x.dtype)] * 2,  # y, x1
+      compiler_params=pltriton.CompilerParams(num_warps=pallas_gpu.NUM_WARPS, num_stages=1),
+      interpret=interpret, name="gated_residual_conv_fwd",
+  )(x, branch, gate[:, None, :], kernel16, bias.reshape(1, d))
+
+
+def _dx_call(dy, branch, gate, kernel16, *, w, interpret):
+  n, t, d = dy.shape
+  bt, bd = pallas_gpu.blocks(t, d)
+  whole, per_example, rows16 = _specs(t, bd)
+  return pl.pallas_call(
+      functools.partial(_dx_kernel, w=w, bt=bt), grid=(n, t // bt, d // bd),
+      in_specs=[whole, whole, per_example, rows16],
+      out_specs=[whole, whole, pl.BlockSpec((None, None, 1, bd), lambda b, i, c: (b, i, 0, c))],
+      out_shape=[jax.ShapeDtypeStruct((n, t, d), dy.dtype),  # dx1
+                 jax.ShapeDtypeStruct((n, t, d), branch.dtype),  # d branch
+                 jax.ShapeDtypeStruct((n, t // bt, 1, d), jnp.float32)],  # the gate's shares
+      compiler_params=pltriton.CompilerParams(num_warps=pallas_gpu.NUM_WARPS, num_stages=1),
+      interpret=interpret, name="gated_residual_conv_dx",
+  )(dy, branch, gate[:, None, :], kernel16)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def gated_residual_conv3x3(x, gate, branch, kernel, bias, interpret=False):
+  """conv3x3(x + gate[:, None, None] * branch): x, branch [N, h, w, D] and gate [N, D] of one
+  dtype (that of x1 and the output); kernel [3, 3, D]; bias [D]. Float32 arithmetic."""
+  return _forward(x, gate, branch, kernel, bias, interpret)[0]
+
+
+def _forward(x, gate, branch, kernel, bias, interpret):
+  y, x1 = _fwd_call(_tokens(x), _tokens(branch), gate, _kernel_rows(kernel), bias,
+                    w=x.shape[2], interpret=interpret)
+  return y.reshape(x.shape), (x1, gate, branch, kernel, bias)
+
+
+def _backward(interpret, residuals, dy):
+  x1, gate, branch, kernel, bias = residuals
+  shape = branch.shape
+  dx1, dbranch, gate_shares = _dx_call(_tokens(dy), _tokens(branch), gate,
+                                       _kernel_rows(kernel[::-1, ::-1]), w=shape[2],
+                                       interpret=interpret)
+  shares = pallas_gpu._conv_dk_call(x1, _tokens(dy), w=shape[2], interpret=interpret)
+  sums = jnp.sum(shares, axis=(0, 1))
+  return (dx1.reshape(shape), jnp.sum(gate_shares, axis=(1, 2)).astype(gate.dtype),
+          dbranch.reshape(shape), sums[:9].reshape(3, 3, -1).astype(kernel.dtype),
+          sums[9].astype(bias.dtype))
+
+
+gated_residual_conv3x3.defvjp(_forward, _backward)
