@@ -1,5 +1,6 @@
 """Run by test_elementwise_sharded.py in a subprocess with 8 fake CPU devices: `swiglu_linear`,
-`gated_norm_linear`, `gla_layer` (one VJP) and `layer_norm_modulate` with their Pallas kernels
+`gated_norm_linear`, `gla_layer` (one VJP), `layer_norm_modulate` and
+`residual_layer_norm_modulate` with their Pallas kernels
 (interpret mode) inside a sharded jit under the trainer's 8-device mesh; prints JSON with, per function, the relative
 errors of the loss and the gradients against one device and the rows each kernel call sees."""
 import json
@@ -10,7 +11,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dig_jax.train.sharding import make_mesh
 from jaxpr_eqns import eqns
-from kernels_pallas.adaln import layer_norm_modulate
+from kernels_pallas.adaln import layer_norm_modulate, residual_layer_norm_modulate
 from kernels_pallas.gated_norm import gated_norm_linear
 from kernels_pallas.gla.layer import gla_layer
 from kernels_pallas.swiglu import swiglu_linear
@@ -49,8 +50,22 @@ def _cases():
       x, shift, scale, backend="pallas_gpu", interpret=True) * dout4),
       (2.0 * jax.random.normal(ks[0], (16, 4, 4, 48)), jax.random.normal(ks[1], (16, 48)),
        jax.random.normal(ks[2], (16, 48))))
+  # the same after a gated residual add: both outputs (h and the norm) in the loss
+  ks = jax.random.split(jax.random.PRNGKey(3), 6)
+  dh = jax.random.normal(ks[5], (16, 4, 4, 48))
+
+  def residual_loss(x, gate, branch, shift, scale):
+    h, y = residual_layer_norm_modulate(x, gate, branch, shift, scale, backend="pallas_gpu",
+                                        interpret=True)
+    return jnp.sum(h * dh) + jnp.sum(y * dout4)
+
+  residual = (residual_loss, (2.0 * jax.random.normal(ks[0], (16, 4, 4, 48)),
+                              jax.random.normal(ks[1], (16, 48)),
+                              jax.random.normal(ks[2], (16, 4, 4, 48)),
+                              jax.random.normal(ks[3], (16, 48)),
+                              jax.random.normal(ks[4], (16, 48))))
   return {"swiglu_linear": swiglu, "gated_norm_linear": gated, "gla_layer": layer,
-          "layer_norm_modulate": norm}
+          "layer_norm_modulate": norm, "residual_layer_norm_modulate": residual}
 
 
 def main():

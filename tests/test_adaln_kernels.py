@@ -1,13 +1,13 @@
-"""adaLN's LayerNorm + modulation: the jnp reference and the Pallas GPU kernels (interpret mode)
-against the formula in float64 numpy (forward) and its gradients written out by hand; the
-kernels' cuda lowering; dispatch and errors. Per batch shard on 8 devices:
-test_elementwise_sharded.py."""
+"""adaLN's LayerNorm + modulation, alone and after a gated residual add: the jnp reference and
+the Pallas GPU kernels (interpret mode) against the formula in float64 numpy (forward) and its
+gradients written out by hand; the kernels' cuda lowering; dispatch and errors. Per batch shard
+on 8 devices: test_elementwise_sharded.py."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels_pallas.adaln import layer_norm_modulate, pallas_gpu
+from kernels_pallas.adaln import layer_norm_modulate, pallas_gpu, residual_layer_norm_modulate
 from kernels_pallas.adaln.api import resolve_backend
 
 EPS = 1e-6
@@ -105,6 +105,77 @@ def test_dispatch_and_errors():
   assert not pallas_gpu.supports(7, 32)
   with pytest.raises(ValueError, match="got 7 tokens of D = 32"):
     layer_norm_modulate(odd, jnp.ones((2, 32)), jnp.ones((2, 32)), backend="pallas_gpu")
+
+
+def _numpy_residual(x, gate, branch, shift, scale, dh, dy):
+  """h = x + gate * branch and y = the norm of h, and the gradients of x, gate, branch, shift
+  and scale of sum(h * dh) + sum(y * dy): h's gradient (dh plus the norm's) is x's, and
+  reaches branch times the gate."""
+  n, d = x.shape[0], x.shape[-1]
+  x, branch, dh = (a.reshape(n, -1, d) for a in (x, branch, dh))
+  h = x + gate[:, None] * branch
+  y, dnorm, dshift, dscale = _numpy_forward_and_grads(h, shift, scale, dy)
+  dx = dnorm + dh
+  return h, y, dx, (dx * branch).sum(1), gate[:, None] * dx, dshift, dscale
+
+
+def _check_residual(backend, shape, dtype, tol, seed=0):
+  x, shift, scale, dy = _inputs(shape, dtype, seed)
+  kg, kb, kh = jax.random.split(jax.random.PRNGKey(seed + 10), 3)
+  gate = jax.random.normal(kg, (shape[0], shape[-1])).astype(dtype)
+  branch, dh = (jax.random.normal(k, shape).astype(dtype) for k in (kb, kh))
+  f = lambda *args: residual_layer_norm_modulate(*args, backend=backend, interpret=True)
+  (h, y), vjp = jax.vjp(f, x, gate, branch, shift, scale)
+  grads = vjp((dh, dy))
+  assert h.dtype == y.dtype == dtype and all(g.dtype == dtype for g in grads)
+  arrays = [np.asarray(a.astype(jnp.float32), np.float64)
+            for a in (x, gate, branch, shift, scale, dh, dy)]
+  want = _numpy_residual(*arrays)
+  names = ("h", "y", "dx", "dgate", "dbranch", "dshift", "dscale")
+  for name, got, expected in zip(names, (h, y, *grads), want):
+    got = np.asarray(got.astype(jnp.float32)).reshape(expected.shape)
+    assert _rel_rms(got, expected) < tol, name
+
+
+@pytest.mark.parametrize("backend", ["reference", "pallas_gpu"])
+@pytest.mark.parametrize("shape", [(2, 8, 48), (2, 4, 8, 384), (3, 6, 1152)])
+def test_residual_float32_matches_numpy(backend, shape):
+  _check_residual(backend, shape, jnp.float32, 1e-5)
+
+
+def test_residual_small_blocks_split_each_example(monkeypatch):
+  """Blocks of 2 rows: each program writes its own share of the gate's gradient."""
+  monkeypatch.setattr(pallas_gpu, "BLOCK_ELEMENTS", 128)
+  _check_residual("pallas_gpu", (2, 32, 48), jnp.float32, 1e-5, seed=2)
+
+
+@pytest.mark.parametrize("backend", ["reference", "pallas_gpu"])
+def test_residual_bfloat16_inputs(backend):
+  _check_residual(backend, (2, 16, 384), jnp.bfloat16, 1e-2, seed=1)
+
+
+def test_residual_kernels_lower_for_cuda():
+  x, shift, scale, dy = _inputs((2, 256, 384), jnp.bfloat16, 0)
+  branch = jax.random.normal(jax.random.PRNGKey(5), x.shape, jnp.bfloat16)
+
+  def loss(*args):
+    h, y = residual_layer_norm_modulate(*args, backend="pallas_gpu")
+    return jnp.sum(h * dy) + jnp.sum(y * dy)
+
+  text = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4))).trace(
+      x, shift, branch, shift, scale).lower(lowering_platforms=("cuda",)).as_text()
+  assert "adaln_residual_norm_fwd" in text and "adaln_residual_norm_bwd" in text
+
+
+def test_residual_errors():
+  x, nd = jnp.ones((2, 8, 32)), jnp.ones((2, 32))
+  with pytest.raises(ValueError, match=r"branch must be shaped like x \(2, 8, 32\)"):
+    residual_layer_norm_modulate(x, nd, jnp.ones((2, 4, 32)), nd, nd)
+  with pytest.raises(ValueError, match=r"shift and scale must be \[2, 32\]; got \(2, 16\)"):
+    residual_layer_norm_modulate(x, nd, x, jnp.ones((2, 16)), nd)
+  odd = jnp.ones((2, 7, 32))
+  with pytest.raises(ValueError, match="residual_layer_norm_modulate: pallas_gpu needs"):
+    residual_layer_norm_modulate(odd, nd, odd, nd, nd, backend="pallas_gpu")
 
 
 def test_dit_with_the_kernels_matches_the_jnp_norms():

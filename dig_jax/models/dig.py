@@ -9,7 +9,7 @@ from dig_jax.models import layers
 from dig_jax.models.backbone import ConditionalImageTransformer
 from dig_jax.models.gla import GatedLinearAttention
 from dig_jax.models.scan_order import layer_orientation, orient_conv_kernel
-from kernels_pallas.adaln import layer_norm_modulate
+from kernels_pallas.adaln import layer_norm_modulate, residual_layer_norm_modulate
 from kernels_pallas.conv import gated_residual_conv3x3
 from kernels_pallas.swiglu import swiglu_linear
 
@@ -90,6 +90,12 @@ class DiGBlock(nnx.Module):
     return layer_norm_modulate(x, shift, scale, backend=self.elementwise_backend,
                                interpret=self.pallas_interpret)
 
+  def _residual_and_norm(self, x, gate, branch, shift, scale):
+    """(x + gate * branch, its adaLN norm): on GPUs the add runs inside the norm's kernels."""
+    return residual_layer_norm_modulate(x, gate, branch, shift, scale,
+                                        backend=self.elementwise_backend,
+                                        interpret=self.pallas_interpret)
+
   def _residual_and_conv(self, x, gate, branch):
     """DWConv3x3(x + gate * branch): on GPUs the add runs inside the conv's kernels."""
     kernel = orient_conv_kernel(self.conv_kernel[...], self.layer_index)
@@ -98,8 +104,9 @@ class DiGBlock(nnx.Module):
 
   def __call__(self, x, c):
     shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(c)
-    x = x + gate1[:, None, None] * self._mix_tokens(self._norm(x, shift1, scale1))
-    return self._residual_and_conv(x, gate2, self.mlp(self._norm(x, shift2, scale2)))
+    mixed = self._mix_tokens(self._norm(x, shift1, scale1))
+    x, normed = self._residual_and_norm(x, gate1, mixed, shift2, scale2)
+    return self._residual_and_conv(x, gate2, self.mlp(normed))
 
 
 class DiG(ConditionalImageTransformer):

@@ -7,7 +7,7 @@ from flax import nnx
 
 from dig_jax.models import layers
 from dig_jax.models.backbone import ConditionalImageTransformer
-from kernels_pallas.adaln import layer_norm_modulate
+from kernels_pallas.adaln import layer_norm_modulate, residual_layer_norm_modulate
 
 
 class SelfAttention(nnx.Module):
@@ -57,8 +57,11 @@ class DiTBlock(nnx.Module):
 
   def __call__(self, x, c):
     shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(c)
-    x = x + gate1[:, None] * self.attn(self._norm(x, shift1, scale1))
-    return x + gate2[:, None] * self.mlp(self._norm(x, shift2, scale2))
+    # The first gated residual add runs inside the second norm's kernels on GPUs, as in DiG.
+    x, normed = residual_layer_norm_modulate(x, gate1, self.attn(self._norm(x, shift1, scale1)),
+                                             shift2, scale2, backend=self.elementwise_backend,
+                                             interpret=self.pallas_interpret)
+    return x + gate2[:, None] * self.mlp(normed)
 
   def _norm(self, x, shift, scale):
     return layer_norm_modulate(x, shift, scale, backend=self.elementwise_backend,

@@ -1,5 +1,6 @@
 """adaLN's normalisation: LayerNorm without affine parameters, then the per-example shift and
-scale, with one-pass forward and backward kernels on GPUs."""
-from kernels_pallas.adaln.api import BACKENDS, layer_norm_modulate
+scale, alone or after a block's gated residual add, with one-pass forward and backward kernels
+on GPUs."""
+from kernels_pallas.adaln.api import BACKENDS, layer_norm_modulate, residual_layer_norm_modulate
 
-__all__ = ["BACKENDS", "layer_norm_modulate"]
+__all__ = ["BACKENDS", "layer_norm_modulate", "residual_layer_norm_modulate"]

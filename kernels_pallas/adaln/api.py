@@ -1,5 +1,6 @@
 """`layer_norm_modulate`: adaLN's LayerNorm (no affine parameters) and per-example shift and
-scale, checked and dispatched: one-pass Pallas kernels on GPUs, the jnp form elsewhere."""
+scale, and `residual_layer_norm_modulate`: the same after a gated residual add, checked and
+dispatched: one-pass Pallas kernels on GPUs, the jnp form elsewhere."""
 from __future__ import annotations
 
 import functools
@@ -40,15 +41,44 @@ def layer_norm_modulate(x, shift, scale, *, eps: float = 1e-6, backend: str = "a
   backend = resolve_backend(backend, x)
   if backend == "reference":
     return reference.layer_norm_modulate(x, shift, scale, eps)
+  n, t, d = _check_blocks("layer_norm_modulate", x)
+  y = _pallas(x.reshape(n, t, d), shift, scale, eps, interpret)
+  return y.reshape(x.shape)
+
+
+def residual_layer_norm_modulate(x, gate, branch, shift, scale, *, eps: float = 1e-6,
+                                 backend: str = "auto", interpret: bool = False):
+  """(h, layer_norm_modulate(h, shift, scale)) with h = x + gate * branch: x and branch [N, ...,
+  D], gate, shift and scale [N, D] (a DiT or DiG block's first gated residual add and the norm
+  after it). h has the promoted dtype of x, gate and branch, as the jnp form's; on GPUs the add
+  runs inside the norm's kernels, and its gradients inside the norm's backward."""
+  if branch.shape != x.shape or gate.shape != (x.shape[0], x.shape[-1]):
+    raise ValueError(f"residual_layer_norm_modulate: branch must be shaped like x {x.shape} and "
+                     f"gate [{x.shape[0]}, {x.shape[-1]}]; got {branch.shape} and {gate.shape}")
+  if shift.shape != gate.shape or scale.shape != gate.shape:
+    raise ValueError(f"residual_layer_norm_modulate: shift and scale must be [{x.shape[0]}, "
+                     f"{x.shape[-1]}]; got {shift.shape} and {scale.shape}")
+  backend = resolve_backend(backend, x)
+  if backend == "reference":
+    h = x + gate[(slice(None),) + (None,) * (x.ndim - 2)] * branch
+    return h, reference.layer_norm_modulate(h, shift, scale, eps)
+  n, t, d = _check_blocks("residual_layer_norm_modulate", x)
+  dtype = jnp.result_type(x, gate, branch)
+  h, y = _residual_pallas(x.reshape(n, t, d).astype(dtype), gate.astype(dtype),
+                          branch.reshape(n, t, d).astype(dtype), shift, scale, eps, interpret)
+  return h.reshape(x.shape), y.reshape(x.shape)
+
+
+def _check_blocks(name, x):
+  """(N, T, D) of x, after checking that pallas_gpu's blocks suit them."""
   n, d = x.shape[0], x.shape[-1]
   t = x.size // (n * d)
   if not pallas_gpu.supports(t, d):
-    raise ValueError(f"layer_norm_modulate: pallas_gpu needs D >= 16 and {pallas_gpu.MIN_ROWS} "
+    raise ValueError(f"{name}: pallas_gpu needs D >= 16 and {pallas_gpu.MIN_ROWS} "
                      f"rows per block (tokens per example with a power-of-two factor >= "
                      f"{pallas_gpu.MIN_ROWS}); got {t} tokens of D = {d}; use "
                      f"backend='reference'")
-  y = _pallas(x.reshape(n, t, d), shift, scale, eps, interpret)
-  return y.reshape(x.shape)
+  return n, t, d
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -77,3 +107,29 @@ def _per_shard(run, x, batched, n_out):
 
 
 _pallas.defvjp(_fwd, _bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _residual_pallas(x, gate, branch, shift, scale, eps, interpret):
+  out_dtype = jnp.result_type(x.dtype, shift.dtype, scale.dtype)
+  run = lambda *args: tuple(pallas_gpu.residual_forward(*args, eps=eps, out_dtype=out_dtype,
+                                                        interpret=interpret))
+  return tuple(_per_shard(run, x, (True,) * 5, 2)(x, gate, branch, shift, scale))
+
+
+def _residual_fwd(x, gate, branch, shift, scale, eps, interpret):
+  h, y = _residual_pallas(x, gate, branch, shift, scale, eps, interpret)
+  return (h, y), (h, gate, branch, shift, scale)
+
+
+def _residual_bwd(eps, interpret, residuals, cotangents):
+  h, gate, branch, shift, scale = residuals
+  dh, dy = cotangents  # dh: what reaches h along the residual path
+  run = lambda *args: pallas_gpu.residual_backward(*args, eps=eps, interpret=interpret)
+  dx, dbranch, dgate, dshift, dscale = _per_shard(run, h, (True,) * 6, 5)(
+      h, gate, branch, scale, dy, dh)
+  return (dx, dgate.astype(gate.dtype), dbranch, dshift.astype(shift.dtype),
+          dscale.astype(scale.dtype))
+
+
+_residual_pallas.defvjp(_residual_fwd, _residual_bwd)

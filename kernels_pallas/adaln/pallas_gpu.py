@@ -8,6 +8,13 @@ H100 (same-process A/B of whole steps, BENCHMARKS.md): DiT-S/2 -2.9 % and DiG-S/
 px, no change at 1792 px; XLA's temp memory -0.11 to -0.14 GiB; bf16 errors against float64
 1.7e-3 where XLA's rounding of the normalised x gave 3-7e-3.
 
+With a gated residual add before the norm (`residual_forward` / `residual_backward`: a block's
+h = x + gate * branch, then the norm of h), the forward also writes h and the backward also
+reads the gradient reaching h from later (its residual path) and writes h's whole gradient,
+the branch's (gate times it) and shares of the gate's: the add's XLA passes, and the backward's
+XLA sum and gate-gradient reduction (about 2x its traffic floor in an H100 profile), are not
+run.
+
 Blocks: rows of one example by all D columns, D padded to a power of two (Triton's block
 shapes) and masked, so every program holds whole norm rows; grid (N, T / rows).
 """
@@ -80,15 +87,28 @@ def _normalised(x, d, eps):
   return centred * rstd, rstd
 
 
-def _fwd_kernel(x_ref, shift_ref, scale_ref, y_ref, *, d, eps):
-  rows = x_ref.shape[0]
-  xhat, _ = _normalised(_load(x_ref, rows, d), d, eps)
+def _modulated(x, shift_ref, scale_ref, y_ref, *, d, eps):
+  xhat, _ = _normalised(x, d, eps)
   _store(y_ref, xhat * (1.0 + _load(scale_ref, 1, d)) + _load(shift_ref, 1, d), d)
 
 
-def _bwd_kernel(x_ref, scale_ref, dy_ref, dx_ref, share_ref, *, d, eps):
-  """dx = rstd (g - mean(g) - xhat mean(g xhat)) with g = dy (1 + scale); shares: this block's
-  sums over rows of dy (shift, row 0) and dy xhat (scale, row 1)."""
+def _fwd_kernel(x_ref, shift_ref, scale_ref, y_ref, *, d, eps):
+  _modulated(_load(x_ref, x_ref.shape[0], d), shift_ref, scale_ref, y_ref, d=d, eps=eps)
+
+
+def _residual_fwd_kernel(x_ref, gate_ref, branch_ref, shift_ref, scale_ref, h_ref, y_ref, *, d,
+                         eps):
+  rows = x_ref.shape[0]
+  h = _load(x_ref, rows, d) + _load(gate_ref, 1, d) * _load(branch_ref, rows, d)
+  _store(h_ref, h, d)
+  h = h.astype(h_ref.dtype).astype(f32)  # the norm reads h as stored, as the unfused norm would
+  _modulated(h, shift_ref, scale_ref, y_ref, d=d, eps=eps)
+
+
+def _norm_grad(x_ref, scale_ref, dy_ref, share_ref, *, d, eps):
+  """The norm's input gradient rstd (g - mean(g) - xhat mean(g xhat)) with g = dy (1 + scale),
+  float32; writes this block's sums over rows of dy (shift, share row 0) and dy xhat (scale,
+  row 1)."""
   rows = x_ref.shape[0]
   xhat, rstd = _normalised(_load(x_ref, rows, d), d, eps)
   dy = _load(dy_ref, rows, d)
@@ -97,7 +117,24 @@ def _bwd_kernel(x_ref, scale_ref, dy_ref, dx_ref, share_ref, *, d, eps):
   g = dy * (1.0 + _load(scale_ref, 1, d))
   mean_g = jnp.sum(g, axis=1, keepdims=True) / d
   mean_gx = jnp.sum(g * xhat, axis=1, keepdims=True) / d
-  _store(dx_ref, rstd * (g - mean_g - xhat * mean_gx), d)
+  return rstd * (g - mean_g - xhat * mean_gx)
+
+
+def _bwd_kernel(x_ref, scale_ref, dy_ref, dx_ref, share_ref, *, d, eps):
+  _store(dx_ref, _norm_grad(x_ref, scale_ref, dy_ref, share_ref, d=d, eps=eps), d)
+
+
+def _residual_bwd_kernel(h_ref, gate_ref, branch_ref, scale_ref, dy_ref, dh_ref, dx_ref,
+                         dbranch_ref, share_ref, *, d, eps):
+  """h's whole gradient (the norm's plus dh, the gradient reaching h along the residual path),
+  which is also x's; gate times it for the branch; share row 2: its sums with the branch over
+  rows, the gate's gradient."""
+  rows = h_ref.shape[0]
+  dx = _norm_grad(h_ref, scale_ref, dy_ref, share_ref, d=d, eps=eps) + _load(dh_ref, rows, d)
+  _store(dx_ref, dx, d)
+  dx = dx.astype(dx_ref.dtype).astype(f32)  # as stored, as the unfused gate gradient reads it
+  _store(dbranch_ref, _load(gate_ref, 1, d) * dx, d)
+  share_ref[pl.ds(2, 1), :] = jnp.sum(dx * _load(branch_ref, rows, d), axis=0, keepdims=True)
 
 
 def _specs(rows, d):
@@ -138,3 +175,42 @@ def backward(x, scale, dy, *, eps, interpret=False):
   )(x, scale[:, None], dy)
   sums = jnp.sum(shares[..., :d], axis=1)
   return dx, sums[:, 0], sums[:, 1]
+
+
+def residual_forward(x, gate, branch, shift, scale, *, eps, out_dtype, interpret=False):
+  """x, branch [N, T, D], gate, shift and scale [N, D] -> (h = x + gate * branch in x's
+  dtype, layer_norm(h) * (1 + scale) + shift in out_dtype)."""
+  n, t, d = x.shape
+  rows = block_rows(t, d)
+  block, per_example = _specs(rows, d)
+  return pl.pallas_call(
+      functools.partial(_residual_fwd_kernel, d=d, eps=eps), grid=(n, t // rows),
+      in_specs=[block, per_example, block, per_example, per_example],
+      out_specs=[block, block],
+      out_shape=[jax.ShapeDtypeStruct((n, t, d), x.dtype),
+                 jax.ShapeDtypeStruct((n, t, d), out_dtype)],
+      compiler_params=pltriton.CompilerParams(num_warps=NUM_WARPS, num_stages=1),
+      interpret=interpret, name="adaln_residual_norm_fwd",
+  )(x, gate[:, None], branch, shift[:, None], scale[:, None])
+
+
+def residual_backward(h, gate, branch, scale, dy, dh, *, eps, interpret=False):
+  """(dx = dh + the norm's input gradient [N, T, D] in h's dtype, dbranch = gate * dx in
+  branch's dtype, then dgate, dshift and dscale [N, D] float32)."""
+  n, t, d = h.shape
+  rows = block_rows(t, d)
+  block, per_example = _specs(rows, d)
+  nb = t // rows
+  dx, dbranch, shares = pl.pallas_call(
+      functools.partial(_residual_bwd_kernel, d=d, eps=eps), grid=(n, nb),
+      in_specs=[block, per_example, block, per_example, block, block],
+      out_specs=[block, block,
+                 pl.BlockSpec((None, None, 4, padded(d)), lambda b, i: (b, i, 0, 0))],
+      out_shape=[jax.ShapeDtypeStruct((n, t, d), h.dtype),
+                 jax.ShapeDtypeStruct((n, t, d), branch.dtype),
+                 jax.ShapeDtypeStruct((n, nb, 4, padded(d)), f32)],  # row 3 unused
+      compiler_params=pltriton.CompilerParams(num_warps=NUM_WARPS, num_stages=1),
+      interpret=interpret, name="adaln_residual_norm_bwd",
+  )(h, gate[:, None], branch, scale[:, None], dy, dh)
+  sums = jnp.sum(shares[..., :d], axis=1)
+  return dx, dbranch, sums[:, 2], sums[:, 0], sums[:, 1]

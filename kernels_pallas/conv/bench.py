@@ -6,8 +6,9 @@ Times a chain of `--layers` convs (x -> conv -> conv ...), jitted: the forward, 
 of the chain (forward + backward), reported per layer. With `--residual` each layer is DiG's
 block ending, conv(x + gate * branch), with its own random gate and branch (their gradients
 timed too): the jnp form, the conv kernel after XLA's add ("pallas_gpu"), and the add inside
-the conv's kernels ("pallas_gpu fused", `gated_residual_conv3x3`). A chain is how a training step runs
-them, so the copies XLA adds around a kernel are timed with it (a single call hides them).
+the conv's kernels ("pallas_gpu fused", `gated_residual_conv3x3`). A chain is how a training
+step runs them, so the copies XLA adds around a kernel are timed with it (a single call hides
+them).
 Shapes: DiG's at S/2 and XL/2, 256 px batch 64 and 1792 / 2048 px batch 1, bf16 activations.
 Backends: the jnp reference, and the Pallas kernel on GPUs (or anywhere with `--interpret`,
 for tests); `--tile` adds the kernel with other forward (and dx) tiles, `--dk_tile` with other
