@@ -59,7 +59,7 @@ def attribute(events: list[dict], hlo_text: str, steps: int):
 
 # Kernel families by kernel name (first match wins); XLA's own fusions are split by whether
 # their source line is in the model's files.
-_FAMILIES_BY_NAME = (("GLA kernels", ("gla_",)), ("conv kernels", ("depthwise_conv",)),
+_FAMILIES_BY_NAME = (("GLA kernels", ("gla_",)), ("conv kernels", ("depthwise_conv", "gated_residual_conv")),
                      ("SwiGLU / gated-norm kernels", ("swiglu_", "gated_norm_")),
                      ("matmuls", ("nvjet", "gemm", "xmma", "cutlass")),
                      ("attention (cuDNN)", ("sdpa", "flash", "cudnn")))

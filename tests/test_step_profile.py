@@ -50,15 +50,15 @@ def test_gpu_kernel_events_keep_the_device_rows_only():
 def test_families_sort_kernels_by_name_then_by_model_line():
   info = {"nvjet_sm90_tst_192x128": (1, "", "-"), "gemm_fusion_dot_5": (1, "", "dig.py:57 f"),
           "gla_bwd__1": (1, "", "-"), "depthwise_conv_bwd": (1, "", "-"),
-          "swiglu_bwd": (1, "", "-"),
+          "gated_residual_conv_dx": (1, "", "-"), "swiglu_bwd": (1, "", "-"),
           "cudnn_generated_fort_native_sdpa": (1, "", "-"),
           "loop_add_fusion_3": (1, "", "layers.py:28 modulate"),
           "input_reduce_fusion_9": (1, "", "update.py:71 < update.py:69")}
-  kernels = dict(zip(info, (1.0, 2.0, 4.0, 8.0, 0.5, 16.0, 32.0, 64.0)))
+  kernels = dict(zip(info, (1.0, 2.0, 4.0, 8.0, 0.25, 0.5, 16.0, 32.0, 64.0)))
   model = step_profile.model_files()
   assert {"layers.py", "dig.py", "gla.py", "pallas_gpu.py"} <= model and "update.py" not in model
   got = step_profile.families(kernels, info, model)
-  assert got == {"matmuls": 3.0, "GLA kernels": 4.0, "conv kernels": 8.0,
+  assert got == {"matmuls": 3.0, "GLA kernels": 4.0, "conv kernels": 8.25,
                  "SwiGLU / gated-norm kernels": 0.5,
                  "attention (cuDNN)": 16.0, "model's XLA fusions": 32.0,
                  "other (optimizer, loss, copies)": 64.0}
