@@ -105,36 +105,47 @@ def _residual_fwd_kernel(x_ref, gate_ref, branch_ref, shift_ref, scale_ref, h_re
   _modulated(h, shift_ref, scale_ref, y_ref, d=d, eps=eps)
 
 
-def _norm_grad(x_ref, scale_ref, dy_ref, share_ref, *, d, eps):
-  """The norm's input gradient rstd (g - mean(g) - xhat mean(g xhat)) with g = dy (1 + scale),
-  float32; writes this block's sums over rows of dy (shift, share row 0) and dy xhat (scale,
-  row 1)."""
+def _norm_grad(x_ref, scale_ref, dy_ref, *, d, eps):
+  """(the norm's input gradient rstd (g - mean(g) - xhat mean(g xhat)) with g = dy (1 + scale),
+  this block's sums over rows of dy (the shift's share) and of dy xhat (the scale's)), float32."""
   rows = x_ref.shape[0]
   xhat, rstd = _normalised(_load(x_ref, rows, d), d, eps)
   dy = _load(dy_ref, rows, d)
-  share_ref[pl.ds(0, 1), :] = jnp.sum(dy, axis=0, keepdims=True)
-  share_ref[pl.ds(1, 1), :] = jnp.sum(dy * xhat, axis=0, keepdims=True)
+  shares = jnp.sum(dy, axis=0, keepdims=True), jnp.sum(dy * xhat, axis=0, keepdims=True)
   g = dy * (1.0 + _load(scale_ref, 1, d))
   mean_g = jnp.sum(g, axis=1, keepdims=True) / d
   mean_gx = jnp.sum(g * xhat, axis=1, keepdims=True) / d
-  return rstd * (g - mean_g - xhat * mean_gx)
+  return rstd * (g - mean_g - xhat * mean_gx), shares
 
 
 def _bwd_kernel(x_ref, scale_ref, dy_ref, dx_ref, share_ref, *, d, eps):
-  _store(dx_ref, _norm_grad(x_ref, scale_ref, dy_ref, share_ref, d=d, eps=eps), d)
+  dx, (dshift, dscale) = _norm_grad(x_ref, scale_ref, dy_ref, d=d, eps=eps)
+  share_ref[pl.ds(0, 1), :] = dshift
+  share_ref[pl.ds(1, 1), :] = dscale
+  _store(dx_ref, dx, d)
+
+
+def _store_row(ref, row, value, d):
+  """value [1, padded D]'s first d columns into row `row` of a [rows, D] ref."""
+  r, c, valid = _index(1, d)
+  pltriton.store(ref.at[r + row, c], value.astype(ref.dtype), mask=valid)
 
 
 def _residual_bwd_kernel(h_ref, gate_ref, branch_ref, scale_ref, dy_ref, dh_ref, dx_ref,
                          dbranch_ref, share_ref, *, d, eps):
   """h's whole gradient (the norm's plus dh, the gradient reaching h along the residual path),
-  which is also x's; gate times it for the branch; share row 2: its sums with the branch over
-  rows, the gate's gradient."""
+  which is also x's; gate times it for the branch; shares: the shift's, the scale's and the
+  gate's (sums over rows of dx times the branch), D columns each (unpadded: at one 1792 px
+  image 1,568 blocks' shares are written and summed per call)."""
   rows = h_ref.shape[0]
-  dx = _norm_grad(h_ref, scale_ref, dy_ref, share_ref, d=d, eps=eps) + _load(dh_ref, rows, d)
+  dx, shares = _norm_grad(h_ref, scale_ref, dy_ref, d=d, eps=eps)
+  dx = dx + _load(dh_ref, rows, d)
   _store(dx_ref, dx, d)
   dx = dx.astype(dx_ref.dtype).astype(f32)  # as stored, as the unfused gate gradient reads it
   _store(dbranch_ref, _load(gate_ref, 1, d) * dx, d)
-  share_ref[pl.ds(2, 1), :] = jnp.sum(dx * _load(branch_ref, rows, d), axis=0, keepdims=True)
+  dgate = jnp.sum(dx * _load(branch_ref, rows, d), axis=0, keepdims=True)
+  for row, share in enumerate((*shares, dgate)):
+    _store_row(share_ref, row, share, d)
 
 
 def _specs(rows, d):
@@ -204,13 +215,12 @@ def residual_backward(h, gate, branch, scale, dy, dh, *, eps, interpret=False):
   dx, dbranch, shares = pl.pallas_call(
       functools.partial(_residual_bwd_kernel, d=d, eps=eps), grid=(n, nb),
       in_specs=[block, per_example, block, per_example, block, block],
-      out_specs=[block, block,
-                 pl.BlockSpec((None, None, 4, padded(d)), lambda b, i: (b, i, 0, 0))],
+      out_specs=[block, block, pl.BlockSpec((None, None, 3, d), lambda b, i: (b, i, 0, 0))],
       out_shape=[jax.ShapeDtypeStruct((n, t, d), h.dtype),
                  jax.ShapeDtypeStruct((n, t, d), branch.dtype),
-                 jax.ShapeDtypeStruct((n, nb, 4, padded(d)), f32)],  # row 3 unused
+                 jax.ShapeDtypeStruct((n, nb, 3, d), f32)],
       compiler_params=pltriton.CompilerParams(num_warps=NUM_WARPS, num_stages=1),
       interpret=interpret, name="adaln_residual_norm_bwd",
   )(h, gate[:, None], branch, scale[:, None], dy, dh)
-  sums = jnp.sum(shares[..., :d], axis=1)
+  sums = jnp.sum(shares, axis=1)
   return dx, dbranch, sums[:, 2], sums[:, 0], sums[:, 1]
