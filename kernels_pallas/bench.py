@@ -62,6 +62,16 @@ def median_ms(fn, input_sets, runs, batch_ms=2.0):
   return statistics.median(times) * 1e3
 
 
+def worst_relative_rms(got, want) -> float:
+  """The largest relative RMS difference over pairs of arrays; inf where any is not finite
+  (Python's max would skip a NaN that is not first)."""
+  worst = 0.0
+  for a, b in zip(got, want):
+    err = float(jnp.sqrt(jnp.mean((a - b) ** 2) / jnp.mean(b ** 2)))
+    worst = max(worst, err if math.isfinite(err) else math.inf)
+  return worst
+
+
 def _gla_inputs(key, b, t, h, kd, vd):
   ks = jax.random.split(key, 5)
   q, k = (jax.random.normal(ks[i], (b, t, h, kd), jnp.bfloat16) for i in range(2))

@@ -207,3 +207,22 @@ def test_dit_with_the_kernels_matches_the_jnp_norms():
   np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
   for got, want in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
     np.testing.assert_allclose(got, want, rtol=2e-3, atol=1e-6)
+
+
+def test_bench_cli_times_three_forms_and_checks_the_fused_one(tmp_path, capsys, monkeypatch):
+  import json
+
+  from kernels_pallas.adaln import bench
+  out = tmp_path / "adaln.json"
+  bench.main(["--shape", "2,16,48", "--layers", "2", "--runs", "1", "--interpret", "--check",
+              "--json", str(out)])
+  result = json.loads(out.read_text())
+  assert [r["form"] for r in result["rows"]] == ["reference", "pallas_gpu", "pallas_gpu fused"]
+  assert all(r["fwd_us"] > 0 and r["fwd_bwd_us"] > 0 for r in result["rows"])
+  assert result["check"]["2,16,48"] < 1e-5
+  assert "| 2,16,48 | pallas_gpu fused |" in capsys.readouterr().out
+  with pytest.raises(SystemExit):
+    bench.main(["--shape", "2,16"])
+  # a fused backward that never writes its shift, scale and gate shares fails the check
+  monkeypatch.setattr(pallas_gpu, "_store_row", lambda ref, row, value, d: None)
+  assert bench.check((2, 16, 48), 2, interpret=True) > 1e-3

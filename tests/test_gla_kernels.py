@@ -516,3 +516,11 @@ def test_gpu_backward_gives_the_gate_preactivation_gradient(monkeypatch, dtype, 
   got = kernel_dz(z)
   assert got.dtype == dtype
   assert _rel_rms(got, want) < TOLERANCE[dtype]
+
+
+def test_worst_relative_rms_counts_a_non_finite_error_as_infinite():
+  """The kernel benches' checks: a NaN after a finite error must not pass as the finite one."""
+  from kernels_pallas.bench import worst_relative_rms
+  want = [jnp.ones(4), jnp.full(4, 2.0)]
+  assert worst_relative_rms([jnp.full(4, 1.1), jnp.full(4, 2.0)], want) == pytest.approx(0.1)
+  assert worst_relative_rms([jnp.full(4, 1.1), jnp.full(4, jnp.nan)], want) == float("inf")

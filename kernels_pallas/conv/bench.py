@@ -23,7 +23,7 @@ import json
 import jax
 import jax.numpy as jnp
 
-from kernels_pallas.bench import HBM_BYTES_PER_S, median_ms
+from kernels_pallas.bench import HBM_BYTES_PER_S, median_ms, worst_relative_rms
 from kernels_pallas.conv import pallas_gpu, pallas_gpu_residual, reference
 from kernels_pallas.settings import module_settings
 
@@ -122,8 +122,7 @@ def check(shape, layers, interpret, residual=False):
   with jax.default_matmul_precision("highest"):
     want = chain_fns(_reference(residual), layers, residual)[1](*args)
     got = chain_fns(_kernel(interpret, residual), layers, residual)[1](*args)
-  rel = lambda a, b: float(jnp.sqrt(jnp.mean((a - b) ** 2) / jnp.mean(b ** 2)))
-  return max(rel(a, b) for a, b in zip(got, want))
+  return worst_relative_rms(got, want)
 
 
 def _table(rows):

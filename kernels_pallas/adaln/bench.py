@@ -1,0 +1,164 @@
+"""Benchmark of a block's first gated residual add and the adaLN norm after it:
+`python -m kernels_pallas.adaln.bench [--shape N,T,D] [--layers 12] [--check] [--json FILE]`.
+
+Times a chain of `--layers` such pairs, each layer (h, y) = (x + gate * branch, norm(h)) with
+its own random gate, branch, shift and scale, and x_next = h + y (so both outputs carry
+gradient, as in a block), jitted: the forward, and `jax.grad` of the chain (gradients of x and
+every layer's gate, branch, shift and scale), per layer. Forms: the jnp reference, XLA's add
+before the norm kernel ("pallas_gpu": `layer_norm_modulate`), and the add inside the norm's
+kernels ("pallas_gpu fused": `residual_layer_norm_modulate`). Shapes: the models' tokens at
+S/2 and XL/2 widths, 256 px batch 64 and 1792 / 2048 px batch 1, bf16. `--check` first compares
+the fused chain's gradients with the reference's in float32.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import jax
+import jax.numpy as jnp
+
+from kernels_pallas.adaln import layer_norm_modulate, pallas_gpu, residual_layer_norm_modulate
+from kernels_pallas.bench import HBM_BYTES_PER_S, median_ms, worst_relative_rms
+
+SHAPES = {  # name: (N, T, D)
+    "S/2@256": (64, 256, 384),
+    "S/2@1792": (1, 12544, 384),
+    "XL/2@256": (64, 256, 1152),
+    "XL/2@2048": (1, 16384, 1152),
+}
+FORMS = ("reference", "pallas_gpu", "pallas_gpu fused")
+
+
+def hbm_floor_us(shape, itemsize=2):
+  """Fewest bytes of one pair's fwd+bwd over HBM bandwidth, in microseconds: forward reads x and
+  branch and writes h and y; backward reads h, branch, dy and dh and writes dx and d branch."""
+  n, t, d = shape
+  return 10 * n * t * d * itemsize / HBM_BYTES_PER_S * 1e6
+
+
+def pair(form, interpret):
+  """(h, y) of x, gate, branch, shift, scale in one of FORMS."""
+  if form == "pallas_gpu fused":
+    return lambda *args: residual_layer_norm_modulate(*args, backend="pallas_gpu",
+                                                      interpret=interpret)
+  backend = "pallas_gpu" if form == "pallas_gpu" else "reference"
+
+  def unfused(x, gate, branch, shift, scale):
+    h = x + gate[:, None] * branch
+    return h, layer_norm_modulate(h, shift, scale, backend=backend, interpret=interpret)
+
+  return unfused
+
+
+def chain_fns(fn, layers):
+  """(forward, gradient), jitted: f(x, per_layer) and g(x, per_layer, dy) -> gradients of
+  sum(chain(x) * dy) for x and per_layer (gates, branches, shifts, scales; one per layer)."""
+  def forward(x, per_layer):
+    for i in range(layers):
+      h, y = fn(x, *(a[i] for a in per_layer))
+      x = h + y
+    return x
+
+  def loss(x, per_layer, dy):
+    return jnp.sum(forward(x, per_layer).astype(jnp.float32) * dy)
+
+  return jax.jit(forward), jax.jit(jax.grad(loss, argnums=(0, 1)))
+
+
+def chain_inputs(shape, layers, dtype=jnp.bfloat16, seed=0):
+  """x, (gates, branches, shifts, scales), dy."""
+  ks = jax.random.split(jax.random.PRNGKey(seed), 6)
+  n, _, d = shape
+  small = lambda k: (0.3 * jax.random.normal(k, (layers, n, d))).astype(dtype)
+  per_layer = (small(ks[1]), jax.random.normal(ks[2], (layers, *shape), dtype), small(ks[3]),
+               small(ks[4]))
+  return (jax.random.normal(ks[0], shape, dtype), per_layer,
+          jax.random.normal(ks[5], shape, jnp.float32))
+
+
+def time_chain(fn, shape, layers, runs):
+  """(forward, forward + backward) microseconds per layer."""
+  forward, grad = chain_fns(fn, layers)
+  x, per_layer, dy = chain_inputs(shape, layers)
+  fwd = median_ms(forward, [(x, per_layer)], runs)
+  both = median_ms(grad, [(x, per_layer, dy)], runs)
+  return fwd * 1e3 / layers, both * 1e3 / layers
+
+
+def check(shape, layers, interpret):
+  """Largest relative RMS difference of the fused chain's gradients from the reference's
+  (float32 inputs)."""
+  x, per_layer, dy = chain_inputs(shape, layers, jnp.float32, seed=1)
+  want = jax.tree.leaves(chain_fns(pair("reference", interpret), layers)[1](x, per_layer, dy))
+  got = jax.tree.leaves(chain_fns(pair("pallas_gpu fused", interpret), layers)[1](
+      x, per_layer, dy))
+  return worst_relative_rms(got, want)
+
+
+def _table(rows):
+  lines = ["| shape | form | fwd us/layer | fwd+bwd us/layer | x floor | speed-up vs jnp |",
+           "|---|---|---|---|---|---|"]
+  for r in rows:
+    lines.append(f"| {r['shape']} | {r['form']} | {r['fwd_us']:.1f} | {r['fwd_bwd_us']:.1f} | "
+                 f"{r['floor_multiple']:.1f} | {r['speedup_vs_reference']:.2f}x |")
+  return "\n".join(lines)
+
+
+def _parse_shape(text):
+  try:
+    shape = tuple(int(v) for v in text.split(","))
+  except ValueError:
+    shape = ()
+  if len(shape) != 3 or min(shape) < 1:
+    raise ValueError(f"--shape {text!r}: expected N,T,D (three positive integers)")
+  return shape
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--shape", action="append", default=[],
+                      help="N,T,D instead of the models' shapes (repeatable)")
+  parser.add_argument("--layers", type=int, default=12, help="pairs in the timed chain")
+  parser.add_argument("--runs", type=int, default=20, help="timed runs per measurement")
+  parser.add_argument("--check", action="store_true",
+                      help="first compare the fused chain's gradients with the reference")
+  parser.add_argument("--interpret", action="store_true",
+                      help="run the Pallas kernels in interpret mode (CPU; for tests)")
+  parser.add_argument("--json", help="write the rows to this file")
+  args = parser.parse_args(argv)
+  try:
+    shapes = ({s: _parse_shape(s) for s in args.shape} if args.shape else dict(SHAPES))
+  except ValueError as e:
+    parser.error(str(e))
+  if args.layers < 1 or args.runs < 1:
+    parser.error("--layers and --runs must be >= 1")
+  kernels = args.interpret or jax.default_backend() == "gpu"
+
+  rows, result = [], {"device": str(jax.devices()[0].device_kind), "layers": args.layers}
+  for name, (n, t, d) in shapes.items():
+    with_kernels = kernels and pallas_gpu.supports(t, d)
+    if kernels and not with_kernels:
+      print(f"{name}: the kernels do not support {(n, t, d)}; timing the reference only")
+    if args.check and with_kernels:
+      err = check((n, t, d), min(args.layers, 4), args.interpret)
+      result.setdefault("check", {})[name] = err
+      print(f"{name}: fused vs reference, float32 chain gradients: {err:.2e} relative RMS",
+            flush=True)
+    ref_us = None
+    for form in FORMS if with_kernels else FORMS[:1]:
+      fwd, both = time_chain(pair(form, args.interpret), (n, t, d), args.layers, args.runs)
+      ref_us = ref_us or both
+      rows.append(dict(shape=name, form=form, fwd_us=fwd, fwd_bwd_us=both,
+                       floor_multiple=both / hbm_floor_us((n, t, d)),
+                       speedup_vs_reference=ref_us / both))
+      print(f"{name} {form}: fwd {fwd:.1f} us, fwd+bwd {both:.1f} us per layer", flush=True)
+  print(_table(rows))
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(dict(result, rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
