@@ -97,7 +97,7 @@ class DiGBlock(nnx.Module):
                                         interpret=self.pallas_interpret)
 
   def _residual_and_conv(self, x, gate, branch):
-    """DWConv3x3(x + gate * branch): on GPUs the add runs inside the conv's kernels."""
+    """DWConv3x3(x + gate * branch): on GPUs the add's gradients come from the conv's kernel."""
     kernel = orient_conv_kernel(self.conv_kernel[...], self.layer_index)
     return gated_residual_conv3x3(x, gate, branch, kernel[:, :, 0], self.conv_bias[...],
                                   backend=self.conv_backend, interpret=self.pallas_interpret)

@@ -63,9 +63,9 @@ def depthwise_conv3x3(x, kernel, bias, *, backend: str = "auto", interpret: bool
 def gated_residual_conv3x3(x, gate, branch, kernel, bias, *, backend: str = "auto",
                            interpret: bool = False):
   """depthwise_conv3x3(x + gate[:, None, None] * branch, kernel, bias): x and branch [N, h, w,
-  D], gate [N, D]. The Pallas backend forms the sum inside the conv's kernels (and the
-  gradients of branch and gate inside its dx kernel) instead of in XLA passes around them;
-  x, gate and branch are computed in their promoted dtype, as the jnp form would."""
+  D], gate [N, D]. The Pallas backend makes the gradients of branch and gate inside the conv's
+  dx kernel instead of an XLA pass after it; x, gate and branch are computed in their promoted
+  dtype, as the jnp form would."""
   backend = _check_conv("gated_residual_conv3x3", x, kernel, bias, backend)
   if branch.shape != x.shape or gate.shape != (x.shape[0], x.shape[-1]):
     raise ValueError(f"gated_residual_conv3x3: branch must be shaped like x {x.shape} and gate "

@@ -5,8 +5,9 @@ N,h,w,D] [--residual] [--tile TOKENS,CHANNELS,WARPS] [--dk_tile TOKENS,STEPS,CHA
 Times a chain of `--layers` convs (x -> conv -> conv ...), jitted: the forward, and `jax.grad`
 of the chain (forward + backward), reported per layer. With `--residual` each layer is DiG's
 block ending, conv(x + gate * branch), with its own random gate and branch (their gradients
-timed too): the jnp form, the conv kernel after XLA's add ("pallas_gpu"), and the add inside
-the conv's kernels ("pallas_gpu fused", `gated_residual_conv3x3`). A chain is how a training
+timed too): the jnp form, the conv kernels with XLA's add and its gradients around them
+("pallas_gpu"), and the add's gradients inside the dx kernel ("pallas_gpu fused",
+`gated_residual_conv3x3`). A chain is how a training
 step runs them, so the copies XLA adds around a kernel are timed with it (a single call hides
 them).
 Shapes: DiG's at S/2 and XL/2, 256 px batch 64 and 1792 / 2048 px batch 1, bf16 activations.
@@ -75,8 +76,8 @@ def chain_inputs(shape, layers, dtype=jnp.bfloat16, seed=0, residual=False):
 
 
 def _kernel(interpret, residual=False, fused=True):
-  """The Pallas form timed: the conv; with `residual`, the add inside its kernels (`fused`) or
-  XLA's add before it."""
+  """The Pallas form timed: the conv; with `residual`, `gated_residual_conv3x3` (`fused`: the
+  add's gradients from the dx kernel) or XLA's add and its gradients around the conv kernels."""
   if not residual:
     return lambda x, k, b: pallas_gpu.depthwise_conv3x3(x, k, b, interpret)
   if fused:
@@ -159,8 +160,8 @@ def main(argv=None):
                            f"{pallas_gpu.DK_BLOCK_T},{pallas_gpu.DK_STEPS},"
                            f"{pallas_gpu.DK_BLOCK_D},{pallas_gpu.DK_NUM_WARPS}; repeatable)")
   parser.add_argument("--residual", action="store_true",
-                      help="layers are conv(x + gate * branch): the jnp form, XLA's add before "
-                           "the conv kernel, and the add inside the kernels")
+                      help="layers are conv(x + gate * branch): the jnp form, the conv kernels "
+                           "with XLA's add, and the add's gradients inside the dx kernel")
   parser.add_argument("--layers", type=int, default=12, help="convs in the timed chain")
   parser.add_argument("--runs", type=int, default=20, help="timed runs per measurement")
   parser.add_argument("--check", action="store_true",

@@ -1,19 +1,19 @@
-"""DiG's block ending, x1 = x + gate * branch then y = conv3x3(x1), as Pallas (Triton) kernels
-for GPUs: the gated residual add runs inside the conv's kernels instead of as XLA passes.
+"""DiG's block ending, x1 = x + gate * branch then y = conv3x3(x1), with its backward as Pallas
+(Triton) kernels for GPUs: the gated residual add's gradients come from the conv's dx kernel
+instead of an XLA pass after it.
 
-Why: unfused, a training step runs the add as one XLA pass (read x and branch, write x1) before
-the conv reads x1, and the backward as one XLA multi-output reduction after the conv's dx
-kernel (read dx1 and branch; write d branch = gate * dx1 and per-example sums of dx1 * branch
-for the gate). An H100 profile of DiG-S/2 at one 1792 px image had those at about 10 and
-20 us a layer (the reduction at twice its traffic floor; BENCHMARKS.md). Here:
-- forward (`_fwd_kernel`): each tap loads x and branch and forms x1 in float32, rounded to the
-  output dtype as the unfused add would store it; the centre tap also writes x1, which the
-  kernel-gradient walk reads (so that walk is pallas_gpu's, unchanged);
-- backward (`_dx_kernel`): the conv's dx (the forward taps on dy, kernel rotated 180 degrees)
-  and, from the same registers, d branch = gate * dx1 and this block's share of the gate's
-  gradient, sum over its tokens of dx1 * branch (summed over blocks by XLA: a few hundred KB).
-The cotangent of x is dx1 itself. Blocks and settings are pallas_gpu's (`blocks`, BLOCK_T,
-BLOCK_D, NUM_WARPS).
+Why: unfused, a training step's backward runs, after the conv's dx kernel, one XLA multi-output
+reduction (read dx1 and branch; write d branch = gate * dx1 and per-example sums of dx1 * branch
+for the gate); an H100 profile of DiG-S/2 at one 1792 px image had it at about 20 us a layer,
+twice its traffic floor (BENCHMARKS.md). Here `_dx_kernel` makes the conv's dx (the forward taps
+on dy, kernel rotated 180 degrees) and, from the same registers, d branch and this block's share
+of the gate's gradient (summed over blocks by XLA: a few hundred KB). The cotangent of x is dx1
+itself. The kernel-gradient walk is pallas_gpu's.
+
+The forward stays XLA's add and pallas_gpu's conv kernel: made inside the conv kernel, the add
+doubles each tap's loads and arithmetic (x and branch at every tap), and compiled offline for
+sm_90 (Triton 3.9) that kernel needed 2.9x the instructions of the plain one and spilled
+registers at the conv's 64 x 64 blocks (BENCHMARKS.md).
 """
 from __future__ import annotations
 
@@ -26,20 +26,6 @@ from jax.experimental.pallas import triton as pltriton
 
 from kernels_pallas.conv import pallas_gpu
 from kernels_pallas.conv.pallas_gpu import _TAPS, _kernel_rows, _tap, _tap_weights, _tokens
-
-
-def _fwd_kernel(x_ref, m_ref, g_ref, k_ref, b_ref, y_ref, x1_ref, *, w, bt):
-  t = x_ref.shape[0]
-  t0 = pl.multiple_of(pl.program_id(1) * bt, bt)
-  gate = g_ref[...].astype(jnp.float32)  # [1, bd]
-  acc = b_ref[...].astype(jnp.float32)
-  for tap, (i, j) in enumerate(_TAPS):
-    x1 = _tap(x_ref, t0, t, w, bt, i, j) + gate * _tap(m_ref, t0, t, w, bt, i, j)
-    x1 = x1.astype(x1_ref.dtype)  # what the unfused add stores and the conv reads
-    if (i, j) == (1, 1):
-      x1_ref[pl.ds(t0, bt), :] = x1
-    acc = acc + x1.astype(jnp.float32) * _tap_weights(k_ref, tap)
-  y_ref[pl.ds(t0, bt), :] = acc.astype(y_ref.dtype)
 
 
 def _dx_kernel(dy_ref, m_ref, g_ref, k_ref, dx_ref, dm_ref, dg_ref, *, w, bt):
@@ -61,21 +47,6 @@ def _specs(t, bd):
   per_example = pl.BlockSpec((None, 1, bd), lambda b, i, c: (b, 0, c))
   rows16 = pl.BlockSpec((16, bd), lambda b, i, c: (0, c))
   return whole, per_example, rows16
-
-
-def _fwd_call(x, branch, gate, kernel16, bias, *, w, interpret):
-  n, t, d = x.shape
-  bt, bd = pallas_gpu.blocks(t, d)
-  whole, per_example, rows16 = _specs(t, bd)
-  return pl.pallas_call(
-      functools.partial(_fwd_kernel, w=w, bt=bt), grid=(n, t // bt, d // bd),
-      in_specs=[whole, whole, per_example, rows16,
-                pl.BlockSpec((1, bd), lambda b, i, c: (0, c))],
-      out_specs=[whole, whole],
-      out_shape=[jax.ShapeDtypeStruct((n, t, d), x.dtype)] * 2,  # y, x1
-      compiler_params=pltriton.CompilerParams(num_warps=pallas_gpu.NUM_WARPS, num_stages=1),
-      interpret=interpret, name="gated_residual_conv_fwd",
-  )(x, branch, gate[:, None, :], kernel16, bias.reshape(1, d))
 
 
 def _dx_call(dy, branch, gate, kernel16, *, w, interpret):
@@ -102,8 +73,9 @@ def gated_residual_conv3x3(x, gate, branch, kernel, bias, interpret=False):
 
 
 def _forward(x, gate, branch, kernel, bias, interpret):
-  y, x1 = _fwd_call(_tokens(x), _tokens(branch), gate, _kernel_rows(kernel), bias,
-                    w=x.shape[2], interpret=interpret)
+  x1 = _tokens(x + gate[:, None, None] * branch)
+  y = pallas_gpu._conv_fwd_call(x1, _kernel_rows(kernel), bias, w=x.shape[2],
+                                interpret=interpret)
   return y.reshape(x.shape), (x1, gate, branch, kernel, bias)
 
 
