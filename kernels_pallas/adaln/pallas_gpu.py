@@ -105,24 +105,25 @@ def _residual_fwd_kernel(x_ref, gate_ref, branch_ref, shift_ref, scale_ref, h_re
   _modulated(h, shift_ref, scale_ref, y_ref, d=d, eps=eps)
 
 
-def _norm_grad(x_ref, scale_ref, dy_ref, *, d, eps):
-  """(the norm's input gradient rstd (g - mean(g) - xhat mean(g xhat)) with g = dy (1 + scale),
-  this block's sums over rows of dy (the shift's share) and of dy xhat (the scale's)), float32."""
+def _norm_grad(x_ref, scale_ref, dy_ref, store_share, *, d, eps):
+  """The norm's input gradient rstd (g - mean(g) - xhat mean(g xhat)) with g = dy (1 + scale),
+  float32; first store_share(0, this block's sum over rows of dy: the shift's share) and
+  store_share(1, its sum of dy xhat: the scale's)."""
   rows = x_ref.shape[0]
   xhat, rstd = _normalised(_load(x_ref, rows, d), d, eps)
   dy = _load(dy_ref, rows, d)
-  shares = jnp.sum(dy, axis=0, keepdims=True), jnp.sum(dy * xhat, axis=0, keepdims=True)
+  store_share(0, jnp.sum(dy, axis=0, keepdims=True))
+  store_share(1, jnp.sum(dy * xhat, axis=0, keepdims=True))
   g = dy * (1.0 + _load(scale_ref, 1, d))
   mean_g = jnp.sum(g, axis=1, keepdims=True) / d
   mean_gx = jnp.sum(g * xhat, axis=1, keepdims=True) / d
-  return rstd * (g - mean_g - xhat * mean_gx), shares
+  return rstd * (g - mean_g - xhat * mean_gx)
 
 
 def _bwd_kernel(x_ref, scale_ref, dy_ref, dx_ref, share_ref, *, d, eps):
-  dx, (dshift, dscale) = _norm_grad(x_ref, scale_ref, dy_ref, d=d, eps=eps)
-  share_ref[pl.ds(0, 1), :] = dshift
-  share_ref[pl.ds(1, 1), :] = dscale
-  _store(dx_ref, dx, d)
+  def store_share(row, value):
+    share_ref[pl.ds(row, 1), :] = value
+  _store(dx_ref, _norm_grad(x_ref, scale_ref, dy_ref, store_share, d=d, eps=eps), d)
 
 
 def _store_row(ref, row, value, d):
@@ -138,14 +139,12 @@ def _residual_bwd_kernel(h_ref, gate_ref, branch_ref, scale_ref, dy_ref, dh_ref,
   gate's (sums over rows of dx times the branch), D columns each (unpadded: at one 1792 px
   image 1,568 blocks' shares are written and summed per call)."""
   rows = h_ref.shape[0]
-  dx, shares = _norm_grad(h_ref, scale_ref, dy_ref, d=d, eps=eps)
-  dx = dx + _load(dh_ref, rows, d)
+  store_share = lambda row, value: _store_row(share_ref, row, value, d)
+  dx = _norm_grad(h_ref, scale_ref, dy_ref, store_share, d=d, eps=eps) + _load(dh_ref, rows, d)
   _store(dx_ref, dx, d)
   dx = dx.astype(dx_ref.dtype).astype(f32)  # as stored, as the unfused gate gradient reads it
   _store(dbranch_ref, _load(gate_ref, 1, d) * dx, d)
-  dgate = jnp.sum(dx * _load(branch_ref, rows, d), axis=0, keepdims=True)
-  for row, share in enumerate((*shares, dgate)):
-    _store_row(share_ref, row, share, d)
+  store_share(2, jnp.sum(dx * _load(branch_ref, rows, d), axis=0, keepdims=True))
 
 
 def _specs(rows, d):
