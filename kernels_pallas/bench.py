@@ -62,6 +62,28 @@ def median_ms(fn, input_sets, runs, batch_ms=2.0):
   return statistics.median(times) * 1e3
 
 
+def parse_ints(text, count, what):
+  """"2,8,8,32" -> (2, 8, 8, 32): `count` positive integers, else a ValueError naming `what`."""
+  try:
+    values = tuple(int(v) for v in text.split(","))
+  except ValueError:
+    values = ()
+  if len(values) != count or min(values) < 1:
+    raise ValueError(f"{what} {text!r}: expected {count} positive integers separated by commas")
+  return values
+
+
+def chain_table(rows, label):
+  """The markdown table of the layer-chain benches (conv, adaLN): one row per shape and
+  `label` (the rows' key naming what was timed)."""
+  lines = [f"| shape | {label} | fwd us/layer | fwd+bwd us/layer | x floor | speed-up vs jnp |",
+           "|---|---|---|---|---|---|"]
+  for r in rows:
+    lines.append(f"| {r['shape']} | {r[label]} | {r['fwd_us']:.1f} | {r['fwd_bwd_us']:.1f} | "
+                 f"{r['floor_multiple']:.1f} | {r['speedup_vs_reference']:.2f}x |")
+  return "\n".join(lines)
+
+
 def worst_relative_rms(got, want) -> float:
   """The largest relative RMS difference over pairs of arrays; inf where any is not finite
   (Python's max would skip a NaN that is not first)."""

@@ -60,8 +60,7 @@ def residual_layer_norm_modulate(x, gate, branch, shift, scale, *, eps: float = 
                      f"{x.shape[-1]}]; got {shift.shape} and {scale.shape}")
   backend = resolve_backend(backend, x)
   if backend == "reference":
-    h = x + gate[(slice(None),) + (None,) * (x.ndim - 2)] * branch
-    return h, reference.layer_norm_modulate(h, shift, scale, eps)
+    return reference.residual_layer_norm_modulate(x, gate, branch, shift, scale, eps)
   n, t, d = _check_blocks("residual_layer_norm_modulate", x)
   dtype = jnp.result_type(x, gate, branch)
   h, y = _residual_pallas(x.reshape(n, t, d).astype(dtype), gate.astype(dtype),

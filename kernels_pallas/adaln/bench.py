@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 
 from kernels_pallas.adaln import layer_norm_modulate, pallas_gpu, residual_layer_norm_modulate
-from kernels_pallas.bench import HBM_BYTES_PER_S, median_ms, worst_relative_rms
+from kernels_pallas.bench import (HBM_BYTES_PER_S, chain_table, median_ms, parse_ints,
+                                   worst_relative_rms)
 
 SHAPES = {  # name: (N, T, D)
     "S/2@256": (64, 256, 384),
@@ -96,25 +97,6 @@ def check(shape, layers, interpret):
   return worst_relative_rms(got, want)
 
 
-def _table(rows):
-  lines = ["| shape | form | fwd us/layer | fwd+bwd us/layer | x floor | speed-up vs jnp |",
-           "|---|---|---|---|---|---|"]
-  for r in rows:
-    lines.append(f"| {r['shape']} | {r['form']} | {r['fwd_us']:.1f} | {r['fwd_bwd_us']:.1f} | "
-                 f"{r['floor_multiple']:.1f} | {r['speedup_vs_reference']:.2f}x |")
-  return "\n".join(lines)
-
-
-def _parse_shape(text):
-  try:
-    shape = tuple(int(v) for v in text.split(","))
-  except ValueError:
-    shape = ()
-  if len(shape) != 3 or min(shape) < 1:
-    raise ValueError(f"--shape {text!r}: expected N,T,D (three positive integers)")
-  return shape
-
-
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -129,7 +111,7 @@ def main(argv=None):
   parser.add_argument("--json", help="write the rows to this file")
   args = parser.parse_args(argv)
   try:
-    shapes = ({s: _parse_shape(s) for s in args.shape} if args.shape else dict(SHAPES))
+    shapes = ({s: parse_ints(s, 3, "--shape") for s in args.shape} if args.shape else dict(SHAPES))
   except ValueError as e:
     parser.error(str(e))
   if args.layers < 1 or args.runs < 1:
@@ -154,7 +136,7 @@ def main(argv=None):
                        floor_multiple=both / hbm_floor_us((n, t, d)),
                        speedup_vs_reference=ref_us / both))
       print(f"{name} {form}: fwd {fwd:.1f} us, fwd+bwd {both:.1f} us per layer", flush=True)
-  print(_table(rows))
+  print(chain_table(rows, "form"))
   if args.json:
     with open(args.json, "w") as f:
       json.dump(dict(result, rows=rows), f, indent=1)

@@ -14,11 +14,21 @@ def layer_norm(x, eps=1e-6):
   return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
 
 
+def _per_example(v, x):
+  """v [N, D] broadcast against x [N, ..., D]."""
+  return v[(slice(None),) + (None,) * (x.ndim - 2)]
+
+
 def modulate(x, shift, scale):
   """adaLN modulation; shift/scale are per example [N, D], x is [N, ..., D]."""
-  expand = (slice(None),) + (None,) * (x.ndim - 2)
-  return x * (1 + scale[expand]) + shift[expand]
+  return x * (1 + _per_example(scale, x)) + _per_example(shift, x)
 
 
 def layer_norm_modulate(x, shift, scale, eps=1e-6):
   return modulate(layer_norm(x, eps), shift, scale)
+
+
+def residual_layer_norm_modulate(x, gate, branch, shift, scale, eps=1e-6):
+  """(h, layer_norm_modulate(h)) with h = x + gate * branch, gate [N, D] per example."""
+  h = x + _per_example(gate, x) * branch
+  return h, layer_norm_modulate(h, shift, scale, eps)

@@ -24,7 +24,8 @@ import json
 import jax
 import jax.numpy as jnp
 
-from kernels_pallas.bench import HBM_BYTES_PER_S, median_ms, worst_relative_rms
+from kernels_pallas.bench import (HBM_BYTES_PER_S, chain_table, median_ms, parse_ints,
+                                   worst_relative_rms)
 from kernels_pallas.conv import pallas_gpu, pallas_gpu_residual, reference
 from kernels_pallas.settings import module_settings
 
@@ -126,25 +127,6 @@ def check(shape, layers, interpret, residual=False):
   return worst_relative_rms(got, want)
 
 
-def _table(rows):
-  lines = ["| shape | backend | fwd us/layer | fwd+bwd us/layer | x floor | speed-up vs jnp |",
-           "|---|---|---|---|---|---|"]
-  for r in rows:
-    lines.append(f"| {r['shape']} | {r['backend']} | {r['fwd_us']:.1f} | {r['fwd_bwd_us']:.1f} | "
-                 f"{r['floor_multiple']:.1f} | {r['speedup_vs_reference']:.2f}x |")
-  return "\n".join(lines)
-
-
-def _parse_ints(text, count, what):
-  try:
-    values = tuple(int(v) for v in text.split(","))
-  except ValueError:
-    values = ()
-  if len(values) != count or min(values) < 1:
-    raise ValueError(f"{what} {text!r}: expected {count} positive integers separated by commas")
-  return values
-
-
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -171,10 +153,10 @@ def main(argv=None):
   parser.add_argument("--json", help="write the rows to this file")
   args = parser.parse_args(argv)
   try:
-    shapes = ({s: _parse_ints(s, 4, "--shape") for s in args.shape} if args.shape
+    shapes = ({s: parse_ints(s, 4, "--shape") for s in args.shape} if args.shape
               else dict(SHAPES))
-    tiles = ([_parse_ints(t, 3, "--tile") for t in args.tile]
-             + [_parse_ints(t, 4, "--dk_tile") for t in args.dk_tile])
+    tiles = ([parse_ints(t, 3, "--tile") for t in args.tile]
+             + [parse_ints(t, 4, "--dk_tile") for t in args.dk_tile])
   except ValueError as e:
     parser.error(str(e))
   if args.layers < 1 or args.runs < 1:
@@ -215,7 +197,7 @@ def main(argv=None):
                        floor_multiple=both / hbm_floor_us(shape, residual=args.residual),
                        speedup_vs_reference=ref_us / both))
       print(f"{name} {backend}: fwd {fwd:.1f} us, fwd+bwd {both:.1f} us per layer", flush=True)
-  print(_table(rows))
+  print(chain_table(rows, "backend"))
   if args.json:
     with open(args.json, "w") as f:
       json.dump(dict(result, rows=rows), f, indent=1)
