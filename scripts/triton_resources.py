@@ -47,7 +47,8 @@ def _adaln_cases():
   import jax
   import jax.numpy as jnp
 
-  from kernels_pallas.adaln import layer_norm_modulate, residual_layer_norm_modulate
+  from kernels_pallas.adaln import (layer_norm_modulate, layer_norm_modulate_with_input,
+                                    residual_layer_norm_modulate)
   cases = []
   for t, d in ((12544, 384), (16384, 1152)):
     ks = jax.random.split(jax.random.PRNGKey(d), 3)
@@ -59,7 +60,12 @@ def _adaln_cases():
       h, y = residual_layer_norm_modulate(x, gate, branch, shift, scale, backend="pallas_gpu")
       return jnp.sum(h * branch) + jnp.sum(y * x)
 
+    def with_input(x, shift, scale):
+      x_out, y = layer_norm_modulate_with_input(x, shift, scale, backend="pallas_gpu")
+      return jnp.sum(x_out * x) + jnp.sum(y * x)
+
     cases += [(jax.value_and_grad(norm, argnums=(0, 1, 2)), (x, vec, vec)),
+              (jax.value_and_grad(with_input, argnums=(0, 1, 2)), (x, vec, vec)),
               (jax.value_and_grad(residual, argnums=(0, 1, 2, 3, 4)),
                (x, vec, branch, vec, vec))]
   return cases

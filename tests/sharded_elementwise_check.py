@@ -1,6 +1,6 @@
 """Run by test_elementwise_sharded.py in a subprocess with 8 fake CPU devices: `swiglu_linear`,
-`gated_norm_linear`, `gla_layer` (one VJP), `layer_norm_modulate` and
-`residual_layer_norm_modulate` with their Pallas kernels
+`gated_norm_linear`, `gla_layer` (one VJP), `layer_norm_modulate`,
+`layer_norm_modulate_with_input` and `residual_layer_norm_modulate` with their Pallas kernels
 (interpret mode) inside a sharded jit under the trainer's 8-device mesh; prints JSON with, per function, the relative
 errors of the loss and the gradients against one device and the rows each kernel call sees."""
 import json
@@ -11,7 +11,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dig_jax.train.sharding import make_mesh
 from jaxpr_eqns import eqns
-from kernels_pallas.adaln import layer_norm_modulate, residual_layer_norm_modulate
+from kernels_pallas.adaln import (layer_norm_modulate, layer_norm_modulate_with_input,
+                                  residual_layer_norm_modulate)
 from kernels_pallas.gated_norm import gated_norm_linear
 from kernels_pallas.gla.layer import gla_layer
 from kernels_pallas.swiglu import swiglu_linear
@@ -54,6 +55,13 @@ def _cases():
   ks = jax.random.split(jax.random.PRNGKey(3), 6)
   dh = jax.random.normal(ks[5], (16, 4, 4, 48))
 
+  def with_input_loss(x, shift, scale):  # both outputs in the loss: x's gradient is summed
+    x_out, y = layer_norm_modulate_with_input(x, shift, scale, backend="pallas_gpu",
+                                              interpret=True)
+    return jnp.sum(x_out * dh) + jnp.sum(y * dout4)
+
+  with_input = (with_input_loss, norm[1])
+
   def residual_loss(x, gate, branch, shift, scale):
     h, y = residual_layer_norm_modulate(x, gate, branch, shift, scale, backend="pallas_gpu",
                                         interpret=True)
@@ -65,7 +73,8 @@ def _cases():
                               jax.random.normal(ks[3], (16, 48)),
                               jax.random.normal(ks[4], (16, 48))))
   return {"swiglu_linear": swiglu, "gated_norm_linear": gated, "gla_layer": layer,
-          "layer_norm_modulate": norm, "residual_layer_norm_modulate": residual}
+          "layer_norm_modulate": norm, "layer_norm_modulate_with_input": with_input,
+          "residual_layer_norm_modulate": residual}
 
 
 def main():

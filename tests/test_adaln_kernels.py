@@ -1,4 +1,5 @@
-"""adaLN's LayerNorm + modulation, alone and after a gated residual add: the jnp reference and
+"""adaLN's LayerNorm + modulation, alone, returning its input, and after a gated residual add:
+the jnp reference and
 the Pallas GPU kernels (interpret mode) against the formula in float64 numpy (forward) and its
 gradients written out by hand; the kernels' cuda lowering; dispatch and errors. Per batch shard
 on 8 devices: test_elementwise_sharded.py."""
@@ -7,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels_pallas.adaln import layer_norm_modulate, pallas_gpu, residual_layer_norm_modulate
+from kernels_pallas.adaln import (layer_norm_modulate, layer_norm_modulate_with_input, pallas_gpu,
+                                  residual_layer_norm_modulate)
 from kernels_pallas.adaln.api import resolve_backend
 
 EPS = 1e-6
@@ -105,6 +107,61 @@ def test_dispatch_and_errors():
   assert not pallas_gpu.supports(7, 32)
   with pytest.raises(ValueError, match="got 7 tokens of D = 32"):
     layer_norm_modulate(odd, jnp.ones((2, 32)), jnp.ones((2, 32)), backend="pallas_gpu")
+
+
+def _check_with_input(backend, shape, dtype, tol, seed=0):
+  """(x, y) = layer_norm_modulate_with_input(x, ...): x's gradient is the norm's plus the
+  cotangent of the returned x (the residual path's)."""
+  x, shift, scale, dy = _inputs(shape, dtype, seed)
+  dpass = jax.random.normal(jax.random.PRNGKey(seed + 20), shape).astype(dtype)
+  f = lambda *args: layer_norm_modulate_with_input(*args, backend=backend, interpret=True)
+  (x_out, y), vjp = jax.vjp(f, x, shift, scale)
+  dx, dshift, dscale = vjp((dpass, dy))
+  assert x_out is x or bool(jnp.all(x_out == x))
+  assert y.dtype == dx.dtype == dshift.dtype == dtype
+  arrays = [np.asarray(a.astype(jnp.float32), np.float64) for a in (x, shift, scale, dy)]
+  want_y, dnorm, want_dshift, want_dscale = _numpy_forward_and_grads(*arrays)
+  want_dx = dnorm + np.asarray(dpass.astype(jnp.float32), np.float64).reshape(dnorm.shape)
+  for name, got, expected in (("y", y, want_y), ("dx", dx, want_dx),
+                              ("dshift", dshift, want_dshift), ("dscale", dscale, want_dscale)):
+    got = np.asarray(got.astype(jnp.float32)).reshape(expected.shape)
+    assert _rel_rms(got, expected) < tol, name
+
+
+@pytest.mark.parametrize("backend", ["reference", "pallas_gpu"])
+@pytest.mark.parametrize("shape", [(2, 8, 48), (2, 4, 8, 384), (3, 6, 1152)])
+def test_with_input_float32_matches_numpy(backend, shape):
+  _check_with_input(backend, shape, jnp.float32, 1e-5)
+
+
+def test_with_input_small_blocks_and_bfloat16(monkeypatch):
+  _check_with_input("pallas_gpu", (2, 16, 384), jnp.bfloat16, 1e-2, seed=1)
+  monkeypatch.setattr(pallas_gpu, "BLOCK_ELEMENTS", 128)  # 2 rows a program
+  _check_with_input("pallas_gpu", (2, 32, 48), jnp.float32, 1e-5, seed=2)
+
+
+def test_with_input_kernels_lower_for_cuda():
+  x, shift, scale, dy = _inputs((2, 256, 384), jnp.bfloat16, 0)
+
+  def loss(x, shift, scale):
+    x_out, y = layer_norm_modulate_with_input(x, shift, scale, backend="pallas_gpu")
+    return jnp.sum(x_out * dy) + jnp.sum(y * dy)
+
+  text = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).trace(x, shift, scale).lower(
+      lowering_platforms=("cuda",)).as_text()
+  assert "adaln_norm_fwd" in text and "adaln_norm_input_bwd" in text
+  assert "adaln_norm_bwd" not in text.replace("adaln_norm_input_bwd", "")
+
+
+def test_with_input_errors():
+  x = jnp.ones((2, 8, 32))
+  with pytest.raises(ValueError, match="unknown backend 'triton'"):
+    layer_norm_modulate_with_input(x, jnp.ones((2, 32)), jnp.ones((2, 32)), backend="triton")
+  with pytest.raises(ValueError, match=r"shift, scale \[N, D\].*shift \(2, 16\)"):
+    layer_norm_modulate_with_input(x, jnp.ones((2, 16)), jnp.ones((2, 16)), backend="pallas_gpu")
+  with pytest.raises(ValueError, match="got 7 tokens of D = 32"):
+    layer_norm_modulate_with_input(jnp.ones((2, 7, 32)), jnp.ones((2, 32)), jnp.ones((2, 32)),
+                                   backend="pallas_gpu")
 
 
 def _numpy_residual(x, gate, branch, shift, scale, dh, dy):

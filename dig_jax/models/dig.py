@@ -9,7 +9,7 @@ from dig_jax.models import layers
 from dig_jax.models.backbone import ConditionalImageTransformer
 from dig_jax.models.gla import GatedLinearAttention
 from dig_jax.models.scan_order import layer_orientation, orient_conv_kernel
-from kernels_pallas.adaln import layer_norm_modulate, residual_layer_norm_modulate
+from kernels_pallas.adaln import layer_norm_modulate_with_input, residual_layer_norm_modulate
 from kernels_pallas.conv import gated_residual_conv3x3
 from kernels_pallas.swiglu import swiglu_linear
 
@@ -86,9 +86,11 @@ class DiGBlock(nnx.Module):
                   column_scan=(h, w) if transposed else None)
     return y.reshape(n, h, w, d)
 
-  def _norm(self, x, shift, scale):
-    return layer_norm_modulate(x, shift, scale, backend=self.elementwise_backend,
-                               interpret=self.pallas_interpret)
+  def _input_and_norm(self, x, shift, scale):
+    """(x, its adaLN norm): on GPUs x's gradient along the residual path is added inside the
+    norm's backward kernel."""
+    return layer_norm_modulate_with_input(x, shift, scale, backend=self.elementwise_backend,
+                                          interpret=self.pallas_interpret)
 
   def _residual_and_norm(self, x, gate, branch, shift, scale):
     """(x + gate * branch, its adaLN norm): on GPUs the add runs inside the norm's kernels."""
@@ -104,7 +106,8 @@ class DiGBlock(nnx.Module):
 
   def __call__(self, x, c):
     shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(c)
-    mixed = self._mix_tokens(self._norm(x, shift1, scale1))
+    x, normed = self._input_and_norm(x, shift1, scale1)
+    mixed = self._mix_tokens(normed)
     x, normed = self._residual_and_norm(x, gate1, mixed, shift2, scale2)
     return self._residual_and_conv(x, gate2, self.mlp(normed))
 

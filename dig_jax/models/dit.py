@@ -7,7 +7,7 @@ from flax import nnx
 
 from dig_jax.models import layers
 from dig_jax.models.backbone import ConditionalImageTransformer
-from kernels_pallas.adaln import layer_norm_modulate, residual_layer_norm_modulate
+from kernels_pallas.adaln import layer_norm_modulate_with_input, residual_layer_norm_modulate
 
 
 class SelfAttention(nnx.Module):
@@ -57,15 +57,13 @@ class DiTBlock(nnx.Module):
 
   def __call__(self, x, c):
     shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(c)
-    # The first gated residual add runs inside the second norm's kernels on GPUs, as in DiG.
-    x, normed = residual_layer_norm_modulate(x, gate1, self.attn(self._norm(x, shift1, scale1)),
-                                             shift2, scale2, backend=self.elementwise_backend,
-                                             interpret=self.pallas_interpret)
+    # As in DiG, on GPUs x's residual-path gradient is added inside the first norm's backward
+    # kernel, and the first gated residual add runs inside the second norm's kernels.
+    kernels = dict(backend=self.elementwise_backend, interpret=self.pallas_interpret)
+    x, normed = layer_norm_modulate_with_input(x, shift1, scale1, **kernels)
+    x, normed = residual_layer_norm_modulate(x, gate1, self.attn(normed), shift2, scale2,
+                                             **kernels)
     return x + gate2[:, None] * self.mlp(normed)
-
-  def _norm(self, x, shift, scale):
-    return layer_norm_modulate(x, shift, scale, backend=self.elementwise_backend,
-                               interpret=self.pallas_interpret)
 
 
 class DiT(ConditionalImageTransformer):

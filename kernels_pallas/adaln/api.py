@@ -1,6 +1,7 @@
 """`layer_norm_modulate`: adaLN's LayerNorm (no affine parameters) and per-example shift and
-scale, and `residual_layer_norm_modulate`: the same after a gated residual add, checked and
-dispatched: one-pass Pallas kernels on GPUs, the jnp form elsewhere."""
+scale; `layer_norm_modulate_with_input`: the same returning its input too, for an input that
+also feeds a residual path; `residual_layer_norm_modulate`: the same after a gated residual add.
+Checked and dispatched: one-pass Pallas kernels on GPUs, the jnp form elsewhere."""
 from __future__ import annotations
 
 import functools
@@ -44,6 +45,17 @@ def layer_norm_modulate(x, shift, scale, *, eps: float = 1e-6, backend: str = "a
   n, t, d = _check_blocks("layer_norm_modulate", x)
   y = _pallas(x.reshape(n, t, d), shift, scale, eps, interpret)
   return y.reshape(x.shape)
+
+
+def layer_norm_modulate_with_input(x, shift, scale, *, eps: float = 1e-6,
+                                   backend: str = "auto", interpret: bool = False):
+  """(x, layer_norm_modulate(x, shift, scale)): a block's first norm, whose input x also goes
+  on along the residual path. Used through the returned x, x's gradient from that path comes
+  back to this function's backward, and on GPUs the norm's backward kernel adds it to the
+  norm's own (no XLA pass summing the two)."""
+  if backend != "reference" and resolve_backend(backend, x) == "pallas_gpu":
+    return _with_input_pallas(x, shift, scale, eps, interpret)
+  return x, layer_norm_modulate(x, shift, scale, eps=eps, backend=backend, interpret=interpret)
 
 
 def residual_layer_norm_modulate(x, gate, branch, shift, scale, *, eps: float = 1e-6,
@@ -106,6 +118,30 @@ def _per_shard(run, x, batched, n_out):
 
 
 _pallas.defvjp(_fwd, _bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _with_input_pallas(x, shift, scale, eps, interpret):
+  return x, layer_norm_modulate(x, shift, scale, eps=eps, backend="pallas_gpu",
+                                interpret=interpret)
+
+
+def _with_input_fwd(x, shift, scale, eps, interpret):
+  return _with_input_pallas(x, shift, scale, eps, interpret), (x, shift, scale)
+
+
+def _with_input_bwd(eps, interpret, residuals, cotangents):
+  x, shift, scale = residuals
+  dpass, dy = cotangents  # dpass: x's gradient from its other uses
+  n, t, d = _check_blocks("layer_norm_modulate_with_input", x)
+  run = lambda x, scale, dy, dpass: pallas_gpu.backward(x, scale, dy, eps=eps, dpass=dpass,
+                                                        interpret=interpret)
+  dx, dshift, dscale = _per_shard(run, x, (True,) * 4, 3)(
+      x.reshape(n, t, d), scale, dy.reshape(n, t, d), dpass.reshape(n, t, d).astype(x.dtype))
+  return dx.reshape(x.shape), dshift.astype(shift.dtype), dscale.astype(scale.dtype)
+
+
+_with_input_pallas.defvjp(_with_input_fwd, _with_input_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))

@@ -13,7 +13,8 @@ h = x + gate * branch, then the norm of h), the forward also writes h and the ba
 reads the gradient reaching h from later (its residual path) and writes h's whole gradient,
 the branch's (gate times it) and shares of the gate's: the add's XLA passes, and the backward's
 XLA sum and gate-gradient reduction (about 2x its traffic floor in an H100 profile), are not
-run.
+run. Likewise `backward(..., dpass=)` adds x's gradient from its other uses (a block's first
+norm: x also goes on along the residual path) inside the kernel, not in an XLA pass after it.
 
 Blocks: rows of one example by all D columns, D padded to a power of two (Triton's block
 shapes) and masked, so every program holds whole norm rows; grid (N, T / rows).
@@ -126,6 +127,14 @@ def _bwd_kernel(x_ref, scale_ref, dy_ref, dx_ref, share_ref, *, d, eps):
   _store(dx_ref, _norm_grad(x_ref, scale_ref, dy_ref, store_share, d=d, eps=eps), d)
 
 
+def _bwd_with_input_kernel(x_ref, scale_ref, dy_ref, dpass_ref, dx_ref, share_ref, *, d, eps):
+  """`_bwd_kernel`, with the gradient reaching x by its other uses (dpass) added to dx."""
+  def store_share(row, value):
+    share_ref[pl.ds(row, 1), :] = value
+  dx = _norm_grad(x_ref, scale_ref, dy_ref, store_share, d=d, eps=eps)
+  _store(dx_ref, dx + _load(dpass_ref, x_ref.shape[0], d), d)
+
+
 def _store_row(ref, row, value, d):
   """value [1, padded D]'s first d columns into row `row` of a [rows, D] ref."""
   r, c, valid = _index(1, d)
@@ -168,21 +177,25 @@ def forward(x, shift, scale, *, eps, out_dtype, interpret=False):
   )(x, shift[:, None], scale[:, None])
 
 
-def backward(x, scale, dy, *, eps, interpret=False):
-  """(dx [N, T, D] in x's dtype, dshift [N, D], dscale [N, D] float32)."""
+def backward(x, scale, dy, *, eps, dpass=None, interpret=False):
+  """(dx [N, T, D] in x's dtype, dshift [N, D], dscale [N, D] float32). dpass [N, T, D]: a
+  gradient of x from elsewhere, added to dx inside the kernel (`forward`'s x used twice)."""
   n, t, d = x.shape
   rows = block_rows(t, d)
   block, per_example = _specs(rows, d)
   nb = t // rows
+  kernel, inputs, name = (_bwd_kernel, (x, scale[:, None], dy), "adaln_norm_bwd")
+  if dpass is not None:
+    kernel, inputs, name = _bwd_with_input_kernel, inputs + (dpass,), "adaln_norm_input_bwd"
   dx, shares = pl.pallas_call(
-      functools.partial(_bwd_kernel, d=d, eps=eps), grid=(n, nb),
-      in_specs=[block, per_example, block],
+      functools.partial(kernel, d=d, eps=eps), grid=(n, nb),
+      in_specs=[block, per_example, block] + [block] * (dpass is not None),
       out_specs=[block, pl.BlockSpec((None, None, 2, padded(d)), lambda b, i: (b, i, 0, 0))],
       out_shape=[jax.ShapeDtypeStruct((n, t, d), x.dtype),
                  jax.ShapeDtypeStruct((n, nb, 2, padded(d)), f32)],
       compiler_params=pltriton.CompilerParams(num_warps=NUM_WARPS, num_stages=1),
-      interpret=interpret, name="adaln_norm_bwd",
-  )(x, scale[:, None], dy)
+      interpret=interpret, name=name,
+  )(*inputs)
   sums = jnp.sum(shares[..., :d], axis=1)
   return dx, sums[:, 0], sums[:, 1]
 
