@@ -1,4 +1,4 @@
-"""Same-process A/B of whole training steps: the tree's code against an older copy of one module.
+"""Same-process A/B of whole training steps: the tree's code against older copies of modules.
 
   git show HEAD~1:kernels_pallas/gla/pallas_gpu.py > /tmp/old.py
   python scripts/step_ab.py --old kernels_pallas.gla.pallas_gpu=/tmp/old.py
@@ -10,7 +10,10 @@ file while the step is traced ("old"), then times the two in alternating rounds,
 the same process, clocks and neighbours: a change of 1-2 % shows, where separate processes
 differ by about that much from run to run. Prints median / min ms per step and XLA's temp
 memory for each arm. The old file must be a drop-in copy of the module (same public names);
-what it imports comes from the tree.
+what it imports comes from the tree. --old may be given several times, for a change spread
+over modules: the old files are loaded in that order, each with the earlier ones already in
+place, so an old file's `from package.module import name` of an earlier one gets the old name
+(e.g. --old dig_jax.train.optimizer=OPT --old dig_jax.train.step=STEP --old dig_jax.bench=BENCH).
 """
 from __future__ import annotations
 
@@ -71,6 +74,26 @@ def swapped(module, old):
         delattr(module, k)
 
 
+def load_olds(specs: list[str]) -> list[tuple]:
+  """[(module, old module)] for each "module=path" in order, each old file loaded with the
+  earlier ones swapped in (so its imports of them get their old names)."""
+  pairs = []
+  with contextlib.ExitStack() as stack:
+    for spec in specs:
+      pairs.append(load_old(spec))
+      stack.enter_context(swapped(*pairs[-1]))
+  return pairs
+
+
+@contextlib.contextmanager
+def all_swapped(pairs):
+  """`swapped` for every (module, old) pair at once."""
+  with contextlib.ExitStack() as stack:
+    for module, old in pairs:
+      stack.enter_context(swapped(module, old))
+    yield
+
+
 def config(model: str, px: int, batch: int, *, steps: int, impl: str, depth: int | None) -> dict:
   """The `dig_jax.bench` training configuration its own command line would make."""
   from dig_jax import bench
@@ -85,12 +108,13 @@ def config(model: str, px: int, batch: int, *, steps: int, impl: str, depth: int
   return cfg
 
 
-def run_case(cfg: dict, module, old, rounds: int) -> dict:
-  """{"new": (median ms, min ms, temp GiB), "old": ...} for one configuration."""
+def run_case(cfg: dict, pairs, rounds: int) -> dict:
+  """{"new": (median ms, min ms, temp GiB), "old": ...} for one configuration; `pairs`: the
+  (module, old module) pairs of `load_olds`."""
   from dig_jax import bench
   arms = {}
   for name in ("new", "old"):
-    with swapped(module, old) if name == "old" else contextlib.nullcontext():
+    with all_swapped(pairs) if name == "old" else contextlib.nullcontext():
       compiled, state, batches, _ = bench._compiled_step(cfg)
     memory = compiled.memory_analysis()
     temp = getattr(memory, "temp_size_in_bytes", 0) / 2**30
@@ -109,9 +133,10 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter,
                                    epilog="\n".join(__doc__.splitlines()[1:]))
-  parser.add_argument("--old", required=True,
+  parser.add_argument("--old", required=True, action="append",
                       help="module=FILE: the old copy of one module, e.g. "
-                           "kernels_pallas.gla.pallas_gpu=/tmp/old.py")
+                           "kernels_pallas.gla.pallas_gpu=/tmp/old.py; repeat for several "
+                           "modules (loaded in order)")
   parser.add_argument("--cases", default="DiG-S/2:256:64,DiG-S/2:1792:1",
                       help="comma-separated model:px:batch (default: %(default)s)")
   parser.add_argument("--rounds", type=int, default=6, help="alternating rounds (default 6)")
@@ -122,12 +147,12 @@ def main(argv=None):
   args = parser.parse_args(argv)
   try:
     cases = parse_cases(args.cases)
-    module, old = load_old(args.old)
+    pairs = load_olds(args.old)
   except ValueError as e:
     parser.error(str(e))
   for model, px, batch in cases:
     cfg = config(model, px, batch, steps=args.steps, impl=args.impl, depth=args.depth)
-    arms = run_case(cfg, module, old, args.rounds)
+    arms = run_case(cfg, pairs, args.rounds)
     (new_med, new_min, new_temp), (old_med, old_min, old_temp) = arms["new"], arms["old"]
     print(f"{model} {px} px, batch {batch}: old {old_med:.2f} / {old_min:.2f} ms, new "
           f"{new_med:.2f} / {new_min:.2f} ms (median / min; {100 * (new_med / old_med - 1):+.1f} %"

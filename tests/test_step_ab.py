@@ -46,13 +46,30 @@ def test_swapped_takes_the_old_names_and_restores_the_module(tmp_path):
   assert tiling.largest_pow2_divisor(48, 64) == before and not hasattr(tiling, "EXTRA")
 
 
+def test_later_old_files_import_the_earlier_old_names(tmp_path):
+  """Two old files: the second's `from kernels_pallas.tiling import ...` gets the first old
+  file's function; after loading, and outside the swap, both modules are the tree's again."""
+  first, second = tmp_path / "old_tiling.py", tmp_path / "old_conv_ref.py"
+  first.write_text("def largest_pow2_divisor(n, cap):\n  return -7\n")
+  second.write_text("from kernels_pallas.tiling import largest_pow2_divisor\n"
+                    "SEEN = largest_pow2_divisor(48, 64)\n")
+  pairs = step_ab.load_olds([f"kernels_pallas.tiling={first}",
+                             f"kernels_pallas.conv.reference={second}"])
+  assert [module for module, _ in pairs] == [tiling, conv_reference]
+  assert pairs[1][1].SEEN == -7
+  assert tiling.largest_pow2_divisor(48, 64) == 16 and not hasattr(conv_reference, "SEEN")
+  with step_ab.all_swapped(pairs):
+    assert tiling.largest_pow2_divisor(48, 64) == -7 and conv_reference.SEEN == -7
+  assert tiling.largest_pow2_divisor(48, 64) == 16 and not hasattr(conv_reference, "SEEN")
+
+
 def test_each_arm_traces_its_own_code(tmp_path):
   path = tmp_path / "old_conv.py"
   path.write_text(OLD_CONV)
   module, old = step_ab.load_old(f"kernels_pallas.conv.reference={path}")
   assert module is conv_reference
   cfg = step_ab.config("DiG-S/2", 32, 2, steps=1, impl="reference", depth=2)
-  arms = step_ab.run_case(cfg, module, old, rounds=1)
+  arms = step_ab.run_case(cfg, [(module, old)], rounds=1)
   # the old arm's two blocks, traced once; the new arm (compiled first) never reached it
   assert len(old.TRACED) == 2
   assert all(shape[0] == 2 for shape in old.TRACED)
@@ -67,7 +84,8 @@ def test_main_prints_both_arms_per_case(monkeypatch, tmp_path, capsys):
   path.write_text("def largest_pow2_divisor(n, cap):\n  return 1\n")
   seen = []
 
-  def fake_run_case(cfg, module, old, rounds):
+  def fake_run_case(cfg, pairs, rounds):
+    assert [module for module, _ in pairs] == [tiling]
     seen.append((cfg["model"], cfg["px"], cfg["batch"], cfg["steps"], rounds))
     return {"new": (9.0, 8.5, 1.25), "old": (10.0, 9.5, 1.5)}
 
