@@ -1,14 +1,16 @@
-"""Benchmark of a block's first gated residual add and the adaLN norm after it:
+"""Benchmark of a block's two adaLN norms with the gated residual add between them:
 `python -m kernels_pallas.adaln.bench [--shape N,T,D] [--layers 12] [--check] [--json FILE]`.
 
-Times a chain of `--layers` such pairs, each layer (h, y) = (x + gate * branch, norm(h)) with
-its own random gate, branch, shift and scale, and x_next = h + y (so both outputs carry
-gradient, as in a block), jitted: the forward, and `jax.grad` of the chain (gradients of x and
-every layer's gate, branch, shift and scale), per layer. Forms: the jnp reference, XLA's add
-before the norm kernel ("pallas_gpu": `layer_norm_modulate`), and the add inside the norm's
-kernels ("pallas_gpu fused": `residual_layer_norm_modulate`). Shapes: the models' tokens at
-S/2 and XL/2 widths, 256 px batch 64 and 1792 / 2048 px batch 1, bf16. `--check` first compares
-the fused chain's gradients with the reference's in float32.
+Times a chain of `--layers` such layers, each with its own random shifts, scales, gate and
+branch: n1 = norm(x), (h, y) = (x + gate * branch, norm(h)), x_next = h + y + n1 (so every
+output carries gradient, and x's gradient has two parts, as in a block), jitted: the forward,
+and `jax.grad` of the chain (gradients of x and every per-layer input), per layer. Forms: the
+jnp reference; the norm kernels with XLA's add and XLA's sum of x's two gradients
+("pallas_gpu": `layer_norm_modulate` twice); the add inside the second norm's kernels and x's
+gradient summed inside the first norm's backward ("pallas_gpu fused":
+`layer_norm_modulate_with_input`, `residual_layer_norm_modulate`). Shapes: the models' tokens
+at S/2 and XL/2 widths, 256 px batch 64 and 1792 / 2048 px batch 1, bf16. `--check` first
+compares the fused chain's gradients with the reference's in float32.
 """
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ import json
 import jax
 import jax.numpy as jnp
 
-from kernels_pallas.adaln import layer_norm_modulate, pallas_gpu, residual_layer_norm_modulate
+from kernels_pallas.adaln import (layer_norm_modulate, layer_norm_modulate_with_input, pallas_gpu,
+                                  residual_layer_norm_modulate)
 from kernels_pallas.bench import (HBM_BYTES_PER_S, chain_table, median_ms, parse_ints,
                                    worst_relative_rms)
 
@@ -32,33 +35,40 @@ FORMS = ("reference", "pallas_gpu", "pallas_gpu fused")
 
 
 def hbm_floor_us(shape, itemsize=2):
-  """Fewest bytes of one pair's fwd+bwd over HBM bandwidth, in microseconds: forward reads x and
-  branch and writes h and y; backward reads h, branch, dy and dh and writes dx and d branch."""
+  """Fewest bytes of one layer's norms and add, fwd+bwd, over HBM bandwidth, in microseconds:
+  forward reads x (once for both) and branch and writes n1, h and y; backward reads x, h,
+  branch, dn1, dy and dh and writes dx and d branch."""
   n, t, d = shape
-  return 10 * n * t * d * itemsize / HBM_BYTES_PER_S * 1e6
+  return 13 * n * t * d * itemsize / HBM_BYTES_PER_S * 1e6
 
 
-def pair(form, interpret):
-  """(h, y) of x, gate, branch, shift, scale in one of FORMS."""
+def block_norms(form, interpret):
+  """(n1, h, y) of x, shift1, scale1, gate, branch, shift, scale in one of FORMS."""
+  kernels = dict(backend="pallas_gpu", interpret=interpret)
   if form == "pallas_gpu fused":
-    return lambda *args: residual_layer_norm_modulate(*args, backend="pallas_gpu",
-                                                      interpret=interpret)
-  backend = "pallas_gpu" if form == "pallas_gpu" else "reference"
+    def fused(x, shift1, scale1, gate, branch, shift, scale):
+      x, n1 = layer_norm_modulate_with_input(x, shift1, scale1, **kernels)
+      return (n1, *residual_layer_norm_modulate(x, gate, branch, shift, scale, **kernels))
+    return fused
+  if form == "reference":
+    kernels["backend"] = "reference"
 
-  def unfused(x, gate, branch, shift, scale):
+  def unfused(x, shift1, scale1, gate, branch, shift, scale):
     h = x + gate[:, None] * branch
-    return h, layer_norm_modulate(h, shift, scale, backend=backend, interpret=interpret)
+    return (layer_norm_modulate(x, shift1, scale1, **kernels), h,
+            layer_norm_modulate(h, shift, scale, **kernels))
 
   return unfused
 
 
 def chain_fns(fn, layers):
   """(forward, gradient), jitted: f(x, per_layer) and g(x, per_layer, dy) -> gradients of
-  sum(chain(x) * dy) for x and per_layer (gates, branches, shifts, scales; one per layer)."""
+  sum(chain(x) * dy) for x and per_layer (the first norm's shifts and scales, gates, branches,
+  the second norm's shifts and scales; one per layer)."""
   def forward(x, per_layer):
     for i in range(layers):
-      h, y = fn(x, *(a[i] for a in per_layer))
-      x = h + y
+      n1, h, y = fn(x, *(a[i] for a in per_layer))
+      x = h + y + n1
     return x
 
   def loss(x, per_layer, dy):
@@ -68,12 +78,12 @@ def chain_fns(fn, layers):
 
 
 def chain_inputs(shape, layers, dtype=jnp.bfloat16, seed=0):
-  """x, (gates, branches, shifts, scales), dy."""
-  ks = jax.random.split(jax.random.PRNGKey(seed), 6)
+  """x, (shifts1, scales1, gates, branches, shifts, scales), dy."""
+  ks = jax.random.split(jax.random.PRNGKey(seed), 8)
   n, _, d = shape
   small = lambda k: (0.3 * jax.random.normal(k, (layers, n, d))).astype(dtype)
-  per_layer = (small(ks[1]), jax.random.normal(ks[2], (layers, *shape), dtype), small(ks[3]),
-               small(ks[4]))
+  per_layer = (small(ks[6]), small(ks[7]), small(ks[1]),
+               jax.random.normal(ks[2], (layers, *shape), dtype), small(ks[3]), small(ks[4]))
   return (jax.random.normal(ks[0], shape, dtype), per_layer,
           jax.random.normal(ks[5], shape, jnp.float32))
 
@@ -91,8 +101,9 @@ def check(shape, layers, interpret):
   """Largest relative RMS difference of the fused chain's gradients from the reference's
   (float32 inputs)."""
   x, per_layer, dy = chain_inputs(shape, layers, jnp.float32, seed=1)
-  want = jax.tree.leaves(chain_fns(pair("reference", interpret), layers)[1](x, per_layer, dy))
-  got = jax.tree.leaves(chain_fns(pair("pallas_gpu fused", interpret), layers)[1](
+  want = jax.tree.leaves(chain_fns(block_norms("reference", interpret), layers)[1](
+      x, per_layer, dy))
+  got = jax.tree.leaves(chain_fns(block_norms("pallas_gpu fused", interpret), layers)[1](
       x, per_layer, dy))
   return worst_relative_rms(got, want)
 
@@ -130,7 +141,8 @@ def main(argv=None):
             flush=True)
     ref_us = None
     for form in FORMS if with_kernels else FORMS[:1]:
-      fwd, both = time_chain(pair(form, args.interpret), (n, t, d), args.layers, args.runs)
+      fwd, both = time_chain(block_norms(form, args.interpret), (n, t, d), args.layers,
+                             args.runs)
       ref_us = ref_us or both
       rows.append(dict(shape=name, form=form, fwd_us=fwd, fwd_bwd_us=both,
                        floor_multiple=both / hbm_floor_us((n, t, d)),
