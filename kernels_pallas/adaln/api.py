@@ -53,7 +53,7 @@ def layer_norm_modulate_with_input(x, shift, scale, *, eps: float = 1e-6,
   on along the residual path. Used through the returned x, x's gradient from that path comes
   back to this function's backward, and on GPUs the norm's backward kernel adds it to the
   norm's own (no XLA pass summing the two)."""
-  if backend != "reference" and resolve_backend(backend, x) == "pallas_gpu":
+  if resolve_backend(backend, x) == "pallas_gpu":
     return _with_input_pallas(x, shift, scale, eps, interpret)
   return x, layer_norm_modulate(x, shift, scale, eps=eps, backend=backend, interpret=interpret)
 
