@@ -251,7 +251,7 @@ def test_bench_cli_times_and_checks_the_chain(tmp_path, capsys, monkeypatch):
 def test_bench_chain_check_sees_a_wrong_kernel(monkeypatch):
   """The bench's check is a real comparison: a kernel with a dropped tap fails it."""
   from kernels_pallas.conv import bench
-  monkeypatch.setattr(pallas_gpu, "_TAPS", pallas_gpu._TAPS[:-1])
+  monkeypatch.setattr(pallas_gpu, "TAPS", pallas_gpu.TAPS[:-1])
   assert bench.check((2, 8, 8, 32), 2, interpret=True) > 1e-3
 
 
@@ -264,6 +264,12 @@ def test_bench_residual_chain_times_three_forms_and_checks_the_fused_one(tmp_pat
   assert result["residual"] and result["check"]["1,8,8,32"] < 1e-6
   assert [r["backend"] for r in result["rows"]] == [
       "reference", "pallas_gpu", "pallas_gpu fused", "pallas_gpu fused tile (16, 16, 2)"]
-  # a fused forward that drops its last tap fails the check
-  monkeypatch.setattr(pallas_gpu_residual, "_TAPS", pallas_gpu_residual._TAPS[:-1])
+  # a fused dx kernel that loses the gate's shares fails the check
+  dx_kernel = pallas_gpu_residual._dx_kernel
+
+  def without_gate_shares(*refs, **kw):
+    dx_kernel(*refs, **kw)
+    refs[-1][...] = jnp.zeros(refs[-1].shape, refs[-1].dtype)
+
+  monkeypatch.setattr(pallas_gpu_residual, "_dx_kernel", without_gate_shares)
   assert bench.check((1, 8, 8, 32), 2, interpret=True, residual=True) > 1e-3

@@ -40,7 +40,7 @@ DK_BLOCK_T = 16
 DK_BLOCK_D = 64
 DK_STEPS = 16
 DK_NUM_WARPS = 4
-_TAPS = tuple((i, j) for i in range(3) for j in range(3))
+TAPS = tuple((i, j) for i in range(3) for j in range(3))
 
 
 def blocks(t, d):
@@ -53,7 +53,7 @@ def supports(h, w, d):
   return bt >= min(MIN_BLOCK_T, BLOCK_T) and bd >= 16
 
 
-def _tap(ref, t0, t, w, bt, i, j):
+def tap_block(ref, t0, t, w, bt, i, j):
   """[bt, bd] float32 block of tap (i, j) for tokens t0 .. t0 + bt - 1 of a [T, bd] ref: the
   token (i - 1) rows and (j - 1) columns away, zero where that row or column leaves the grid."""
   if (i, j) == (1, 1):
@@ -70,18 +70,23 @@ def _tap(ref, t0, t, w, bt, i, j):
   return x.astype(jnp.float32)
 
 
-def _tap_weights(k_ref, tap):  # [1, bd] float32 (rows of k_ref: the taps in (i, j) order)
+def tap_weights(k_ref, tap):  # [1, bd] float32 (rows of k_ref: the taps in (i, j) order)
   return k_ref[pl.ds(tap, 1), :].astype(jnp.float32)
 
 
-# Each tap is loaded, used and dropped before the next one (one [bt, bd] block live besides the
-# accumulators): all nine live at once spilled registers.
+def conv_block(ref, k_ref, acc, t0, t, w, bt):
+  """acc + the conv of tokens t0 .. t0 + bt - 1 of a [T, bd] ref with k_ref's nine taps, float32.
+  Each tap is loaded, used and dropped before the next one (one [bt, bd] block live besides the
+  accumulator): all nine live at once spilled registers."""
+  for tap, (i, j) in enumerate(TAPS):
+    acc = acc + tap_block(ref, t0, t, w, bt, i, j) * tap_weights(k_ref, tap)
+  return acc
+
+
 def _fwd_kernel(x_ref, k_ref, b_ref, y_ref, *, w, bt):
   t = x_ref.shape[0]
   t0 = pl.multiple_of(pl.program_id(1) * bt, bt)
-  acc = b_ref[...].astype(jnp.float32)  # [1, bd]
-  for tap, (i, j) in enumerate(_TAPS):
-    acc = acc + _tap(x_ref, t0, t, w, bt, i, j) * _tap_weights(k_ref, tap)
+  acc = conv_block(x_ref, k_ref, b_ref[...].astype(jnp.float32), t0, t, w, bt)  # bias [1, bd]
   y_ref[pl.ds(t0, bt), :] = acc.astype(y_ref.dtype)
 
 
@@ -95,12 +100,12 @@ def _dk_kernel(x_ref, dy_ref, dk_ref, *, w, bt, steps):
   def step(s, sums):
     tap_sums, dy_sum = sums
     t0 = pl.multiple_of(first + s * bt, bt)
-    dy = _tap(dy_ref, t0, t, w, bt, 1, 1)
-    return (tuple(total + _tap(x_ref, t0, t, w, bt, i, j) * dy
-                  for total, (i, j) in zip(tap_sums, _TAPS)), dy_sum + dy)
+    dy = tap_block(dy_ref, t0, t, w, bt, 1, 1)
+    return (tuple(total + tap_block(x_ref, t0, t, w, bt, i, j) * dy
+                  for total, (i, j) in zip(tap_sums, TAPS)), dy_sum + dy)
 
   zero = jnp.zeros((bt, bd), jnp.float32)
-  tap_sums, dy_sum = jax.lax.fori_loop(0, steps, step, ((zero,) * len(_TAPS), zero))
+  tap_sums, dy_sum = jax.lax.fori_loop(0, steps, step, ((zero,) * len(TAPS), zero))
   for tap, total in enumerate(tap_sums):
     dk_ref[pl.ds(tap, 1), :] = jnp.sum(total, axis=0, keepdims=True)
   dk_ref[pl.ds(9, 1), :] = jnp.sum(dy_sum, axis=0, keepdims=True)
@@ -112,14 +117,14 @@ def dk_blocks(t, d):
   return bt, largest_pow2_divisor(t // bt, DK_STEPS), largest_pow2_divisor(d, DK_BLOCK_D)
 
 
-def _kernel_rows(kernel):
+def kernel_rows(kernel):
   """[3, 3, D] -> [16, D] float32: the nine taps in (i, j) order, zero rows after (a power of
   two of rows, as Triton blocks need)."""
   d = kernel.shape[-1]
   return jnp.pad(kernel.reshape(9, d).astype(jnp.float32), ((0, 7), (0, 0)))
 
 
-def _conv_fwd_call(x, kernel16, bias, *, w, interpret):
+def conv_fwd_call(x, kernel16, bias, *, w, interpret):
   n, t, d = x.shape
   bt, bd = blocks(t, d)
   whole = pl.BlockSpec((None, t, bd), lambda b, i, c: (b, 0, c))
@@ -134,7 +139,7 @@ def _conv_fwd_call(x, kernel16, bias, *, w, interpret):
   )(x, kernel16, bias.reshape(1, d))
 
 
-def _conv_dk_call(x, dy, *, w, interpret):
+def conv_dk_call(x, dy, *, w, interpret):
   n, t, d = x.shape
   bt, steps, bd = dk_blocks(t, d)
   programs = t // (bt * steps)
@@ -156,12 +161,12 @@ def depthwise_conv3x3(x, kernel, bias, interpret=False):
   return _forward(x, kernel, bias, interpret)[0]
 
 
-def _tokens(x):  # [N, h, w, D] -> [N, h * w, D]
+def tokens(x):  # [N, h, w, D] -> [N, h * w, D]
   return x.reshape(x.shape[0], -1, x.shape[-1])
 
 
 def _forward(x, kernel, bias, interpret):
-  y = _conv_fwd_call(_tokens(x), _kernel_rows(kernel), bias, w=x.shape[2], interpret=interpret)
+  y = conv_fwd_call(tokens(x), kernel_rows(kernel), bias, w=x.shape[2], interpret=interpret)
   return y.reshape(x.shape), (x, kernel, bias)
 
 
@@ -170,9 +175,9 @@ def _backward(interpret, residuals, dy):
   d = x.shape[-1]
   w = x.shape[2]
   # dx is the convolution of dy with the kernel rotated 180 degrees: the forward kernel's job
-  dx = _conv_fwd_call(_tokens(dy), _kernel_rows(kernel[::-1, ::-1]), jnp.zeros((d,), jnp.float32),
+  dx = conv_fwd_call(tokens(dy), kernel_rows(kernel[::-1, ::-1]), jnp.zeros((d,), jnp.float32),
                       w=w, interpret=interpret)
-  shares = _conv_dk_call(_tokens(x), _tokens(dy), w=w, interpret=interpret)
+  shares = conv_dk_call(tokens(x), tokens(dy), w=w, interpret=interpret)
   sums = jnp.sum(shares, axis=(0, 1))
   return (dx.reshape(x.shape), sums[:9].reshape(3, 3, d).astype(kernel.dtype),
           sums[9].astype(bias.dtype))

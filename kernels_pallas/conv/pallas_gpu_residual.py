@@ -25,15 +25,13 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from kernels_pallas.conv import pallas_gpu
-from kernels_pallas.conv.pallas_gpu import _TAPS, _kernel_rows, _tap, _tap_weights, _tokens
+from kernels_pallas.conv.pallas_gpu import conv_block, kernel_rows, tokens
 
 
 def _dx_kernel(dy_ref, m_ref, g_ref, k_ref, dx_ref, dm_ref, dg_ref, *, w, bt):
   t = dy_ref.shape[0]
   t0 = pl.multiple_of(pl.program_id(1) * bt, bt)
-  acc = jnp.zeros((bt, dy_ref.shape[1]), jnp.float32)
-  for tap, (i, j) in enumerate(_TAPS):
-    acc = acc + _tap(dy_ref, t0, t, w, bt, i, j) * _tap_weights(k_ref, tap)
+  acc = conv_block(dy_ref, k_ref, jnp.zeros((bt, dy_ref.shape[1]), jnp.float32), t0, t, w, bt)
   dx1 = acc.astype(dx_ref.dtype)
   dx_ref[pl.ds(t0, bt), :] = dx1
   dx1 = dx1.astype(jnp.float32)  # the stored gradient, as the unfused pass would read it
@@ -73,8 +71,8 @@ def gated_residual_conv3x3(x, gate, branch, kernel, bias, interpret=False):
 
 
 def _forward(x, gate, branch, kernel, bias, interpret):
-  x1 = _tokens(x + gate[:, None, None] * branch)
-  y = pallas_gpu._conv_fwd_call(x1, _kernel_rows(kernel), bias, w=x.shape[2],
+  x1 = tokens(x + gate[:, None, None] * branch)
+  y = pallas_gpu.conv_fwd_call(x1, kernel_rows(kernel), bias, w=x.shape[2],
                                 interpret=interpret)
   return y.reshape(x.shape), (x1, gate, branch, kernel, bias)
 
@@ -82,10 +80,10 @@ def _forward(x, gate, branch, kernel, bias, interpret):
 def _backward(interpret, residuals, dy):
   x1, gate, branch, kernel, bias = residuals
   shape = branch.shape
-  dx1, dbranch, gate_shares = _dx_call(_tokens(dy), _tokens(branch), gate,
-                                       _kernel_rows(kernel[::-1, ::-1]), w=shape[2],
+  dx1, dbranch, gate_shares = _dx_call(tokens(dy), tokens(branch), gate,
+                                       kernel_rows(kernel[::-1, ::-1]), w=shape[2],
                                        interpret=interpret)
-  shares = pallas_gpu._conv_dk_call(x1, _tokens(dy), w=shape[2], interpret=interpret)
+  shares = pallas_gpu.conv_dk_call(x1, tokens(dy), w=shape[2], interpret=interpret)
   sums = jnp.sum(shares, axis=(0, 1))
   return (dx1.reshape(shape), jnp.sum(gate_shares, axis=(1, 2)).astype(gate.dtype),
           dbranch.reshape(shape), sums[:9].reshape(3, 3, -1).astype(kernel.dtype),
