@@ -21,7 +21,9 @@ class ConditionalImageTransformer(nnx.Module):
   """`model(x, t, y)`: x [N, H, W, C] (channels last), t [N], y [N] -> [N, H, W, C_out]."""
 
   def __init__(self, *, input_size, patch_size: int, in_channels: int, hidden_size: int,
-               num_classes: int, learn_sigma: bool, dtype, remat: str = "none", rngs: nnx.Rngs):
+               num_classes: int, learn_sigma: bool, dtype, remat: str = "none",
+               elementwise_backend: str = "auto", pallas_interpret: bool = False,
+               rngs: nnx.Rngs):
     if remat not in REMAT_POLICIES:
       raise ValueError(f"remat={remat!r}; expected one of {tuple(REMAT_POLICIES)}")
     self.remat = remat
@@ -35,7 +37,8 @@ class ConditionalImageTransformer(nnx.Module):
     self.t_embedder = layers.TimestepEmbedder(hidden_size, dtype=dtype, rngs=rngs)
     self.y_embedder = layers.LabelEmbedder(num_classes, hidden_size, rngs=rngs)
     self.final_layer = layers.FinalLayer(hidden_size, patch_size, self.out_channels, dtype=dtype,
-                                         rngs=rngs)
+                                         backend=elementwise_backend,
+                                         interpret=pallas_interpret, rngs=rngs)
 
   def embed(self, x, t, y):
     """(tokens on the grid [N, h, w, D], conditioning [N, D]), in the compute dtype."""

@@ -122,7 +122,8 @@ class DiG(ConditionalImageTransformer):
                pallas_interpret: bool = False, remat: str = "none", rngs: nnx.Rngs):
     super().__init__(input_size=input_size, patch_size=patch_size, in_channels=in_channels,
                      hidden_size=hidden_size, num_classes=num_classes, learn_sigma=learn_sigma,
-                     dtype=dtype, remat=remat, rngs=rngs)
+                     dtype=dtype, remat=remat, elementwise_backend=elementwise_backend,
+                     pallas_interpret=pallas_interpret, rngs=rngs)
     self.blocks = nnx.List([
         DiGBlock(hidden_size, num_heads, mlp_hidden, layer_index=i, dtype=dtype,
                  gla_backend=gla_backend, conv_backend=conv_backend,

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-# adaLN normalisation (jnp form); the blocks call kernels_pallas.adaln.layer_norm_modulate
+from kernels_pallas.adaln import layer_norm_modulate
+# adaLN normalisation's jnp form, for callers that want it without the kernels' dispatch
 from kernels_pallas.adaln.reference import layer_norm, modulate  # noqa: F401
 
 xavier_uniform = nnx.initializers.xavier_uniform()
@@ -118,17 +119,20 @@ class AdaLNModulation(nnx.Module):
 
 
 class FinalLayer(nnx.Module):
-  """LayerNorm -> adaLN shift/scale -> Linear(D, p*p*C_out); all zero-initialised."""
+  """LayerNorm -> adaLN shift/scale -> Linear(D, p*p*C_out); all zero-initialised. The norm is
+  the blocks' `layer_norm_modulate` (`backend`: its kernels' choice)."""
 
   def __init__(self, hidden: int, patch: int, out_channels: int, *, dtype=jnp.float32,
-               rngs: nnx.Rngs):
+               backend: str = "auto", interpret: bool = False, rngs: nnx.Rngs):
     self.modulation = AdaLNModulation(hidden, 2, dtype=dtype, rngs=rngs)
     self.linear = nnx.Linear(hidden, patch * patch * out_channels, kernel_init=zeros,
                              bias_init=zeros, dtype=dtype, rngs=rngs)
+    self.backend, self.interpret = backend, interpret
 
   def __call__(self, x, c):
     shift, scale = self.modulation(c)
-    return over_rows(self.linear, modulate(layer_norm(x), shift, scale))
+    normed = layer_norm_modulate(x, shift, scale, backend=self.backend, interpret=self.interpret)
+    return over_rows(self.linear, normed)
 
 
 def check_image_size(input_size, patch: int) -> tuple[int, int]:
