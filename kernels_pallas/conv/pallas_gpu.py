@@ -176,7 +176,7 @@ def _backward(interpret, residuals, dy):
   w = x.shape[2]
   # dx is the convolution of dy with the kernel rotated 180 degrees: the forward kernel's job
   dx = conv_fwd_call(tokens(dy), kernel_rows(kernel[::-1, ::-1]), jnp.zeros((d,), jnp.float32),
-                      w=w, interpret=interpret)
+                     w=w, interpret=interpret)
   shares = conv_dk_call(tokens(x), tokens(dy), w=w, interpret=interpret)
   sums = jnp.sum(shares, axis=(0, 1))
   return (dx.reshape(x.shape), sums[:9].reshape(3, 3, d).astype(kernel.dtype),

@@ -72,8 +72,7 @@ def gated_residual_conv3x3(x, gate, branch, kernel, bias, interpret=False):
 
 def _forward(x, gate, branch, kernel, bias, interpret):
   x1 = tokens(x + gate[:, None, None] * branch)
-  y = pallas_gpu.conv_fwd_call(x1, kernel_rows(kernel), bias, w=x.shape[2],
-                                interpret=interpret)
+  y = pallas_gpu.conv_fwd_call(x1, kernel_rows(kernel), bias, w=x.shape[2], interpret=interpret)
   return y.reshape(x.shape), (x1, gate, branch, kernel, bias)
 
 
