@@ -27,3 +27,9 @@ def batch_sharded(fn, mesh, batched: tuple[bool, ...], n_out: int):
   in_specs = tuple(split if b else whole for b in batched)
   return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=(split,) * n_out,
                        check_vma=False)
+
+
+def per_batch_shard(fn, batch: int, batched: tuple[bool, ...], n_out: int):
+  """`fn` itself, or `batch_sharded(fn, ...)` under the ambient mesh when it splits `batch`."""
+  mesh = ambient_mesh(batch)
+  return fn if mesh is None else batch_sharded(fn, mesh, batched, n_out)

@@ -84,6 +84,27 @@ def chain_table(rows, label):
   return "\n".join(lines)
 
 
+def time_chain_forms(rows, shape_name, label, timed, floor_us):
+  """The layer-chain benches' timing loop: each (form, run) of `timed` in order, the first
+  being the jnp reference, run() giving (fwd, fwd+bwd) microseconds per layer; appends one row
+  per form to `rows` (keyed `label` for the form) and prints it."""
+  ref_us = None
+  for form, run in timed:
+    fwd, both = run()
+    ref_us = ref_us or both
+    rows.append({"shape": shape_name, label: form, "fwd_us": fwd, "fwd_bwd_us": both,
+                 "floor_multiple": both / floor_us, "speedup_vs_reference": ref_us / both})
+    print(f"{shape_name} {form}: fwd {fwd:.1f} us, fwd+bwd {both:.1f} us per layer", flush=True)
+
+
+def report_chain(rows, label, result, json_path=None):
+  """Prints the chain benches' table and, with `json_path`, writes `result` with the rows."""
+  print(chain_table(rows, label))
+  if json_path:
+    with open(json_path, "w") as f:
+      json.dump(dict(result, rows=rows), f, indent=1)
+
+
 def worst_relative_rms(got, want) -> float:
   """The largest relative RMS difference over pairs of arrays; inf where any is not finite
   (Python's max would skip a NaN that is not first)."""

@@ -45,16 +45,25 @@ def _rel_rms(a, b):
   return float(np.sqrt(np.mean((a - b) ** 2) / np.mean(b ** 2)))
 
 
+def _float64(*arrays):
+  return [np.asarray(a.astype(jnp.float32), np.float64) for a in arrays]
+
+
+def _assert_matches(names, got, want, tol):
+  """Each got array (any float dtype, any shape of the same size) within relative RMS `tol` of
+  its float64 expectation."""
+  for name, g, w in zip(names, got, want, strict=True):
+    assert _rel_rms(_float64(g)[0].reshape(w.shape), w) < tol, name
+
+
 def _check(backend, shape, dtype, tol, seed=0):
   x, shift, scale, dy = _inputs(shape, dtype, seed)
   f = lambda x, s, c: layer_norm_modulate(x, s, c, backend=backend, interpret=True)
   y, vjp = jax.vjp(f, x, shift, scale)
   dx, dshift, dscale = vjp(dy)
   assert y.dtype == dtype and dx.dtype == dtype and dshift.dtype == dscale.dtype == dtype
-  arrays = [np.asarray(a.astype(jnp.float32), np.float64) for a in (x, shift, scale, dy)]
-  want = _numpy_forward_and_grads(*arrays)
-  for got, expected in zip((y, dx, dshift, dscale), want):
-    assert _rel_rms(np.asarray(got.astype(jnp.float32)).reshape(expected.shape), expected) < tol
+  _assert_matches(("y", "dx", "dshift", "dscale"), (y, dx, dshift, dscale),
+                  _numpy_forward_and_grads(*_float64(x, shift, scale, dy)), tol)
 
 
 # (N, T, D) and DiG's (N, h, w, D): D = 48 (padded to 64), DiG-S's 384, XL's 1152 (2 or 4 rows a
@@ -119,13 +128,11 @@ def _check_with_input(backend, shape, dtype, tol, seed=0):
   dx, dshift, dscale = vjp((dpass, dy))
   assert x_out is x or bool(jnp.all(x_out == x))
   assert y.dtype == dx.dtype == dshift.dtype == dtype
-  arrays = [np.asarray(a.astype(jnp.float32), np.float64) for a in (x, shift, scale, dy)]
-  want_y, dnorm, want_dshift, want_dscale = _numpy_forward_and_grads(*arrays)
-  want_dx = dnorm + np.asarray(dpass.astype(jnp.float32), np.float64).reshape(dnorm.shape)
-  for name, got, expected in (("y", y, want_y), ("dx", dx, want_dx),
-                              ("dshift", dshift, want_dshift), ("dscale", dscale, want_dscale)):
-    got = np.asarray(got.astype(jnp.float32)).reshape(expected.shape)
-    assert _rel_rms(got, expected) < tol, name
+  want_y, dnorm, want_dshift, want_dscale = _numpy_forward_and_grads(
+      *_float64(x, shift, scale, dy))
+  want_dx = dnorm + _float64(dpass)[0].reshape(dnorm.shape)
+  _assert_matches(("y", "dx", "dshift", "dscale"), (y, dx, dshift, dscale),
+                  (want_y, want_dx, want_dshift, want_dscale), tol)
 
 
 @pytest.mark.parametrize("backend", ["reference", "pallas_gpu"])
@@ -185,13 +192,8 @@ def _check_residual(backend, shape, dtype, tol, seed=0):
   (h, y), vjp = jax.vjp(f, x, gate, branch, shift, scale)
   grads = vjp((dh, dy))
   assert h.dtype == y.dtype == dtype and all(g.dtype == dtype for g in grads)
-  arrays = [np.asarray(a.astype(jnp.float32), np.float64)
-            for a in (x, gate, branch, shift, scale, dh, dy)]
-  want = _numpy_residual(*arrays)
-  names = ("h", "y", "dx", "dgate", "dbranch", "dshift", "dscale")
-  for name, got, expected in zip(names, (h, y, *grads), want):
-    got = np.asarray(got.astype(jnp.float32)).reshape(expected.shape)
-    assert _rel_rms(got, expected) < tol, name
+  _assert_matches(("h", "y", "dx", "dgate", "dbranch", "dshift", "dscale"), (h, y, *grads),
+                  _numpy_residual(*_float64(x, gate, branch, shift, scale, dh, dy)), tol)
 
 
 @pytest.mark.parametrize("backend", ["reference", "pallas_gpu"])

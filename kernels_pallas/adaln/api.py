@@ -97,7 +97,7 @@ def _pallas(x, shift, scale, eps, interpret):
   out_dtype = jnp.result_type(x.dtype, shift.dtype, scale.dtype)
   run = lambda x, shift, scale: (pallas_gpu.forward(x, shift, scale, eps=eps,
                                                     out_dtype=out_dtype, interpret=interpret),)
-  return _per_shard(run, x, (True, True, True), 1)(x, shift, scale)[0]
+  return _per_shard(run, x, 3, 1)(x, shift, scale)[0]
 
 
 def _fwd(x, shift, scale, eps, interpret):
@@ -107,14 +107,13 @@ def _fwd(x, shift, scale, eps, interpret):
 def _bwd(eps, interpret, residuals, dy):
   x, shift, scale = residuals
   run = lambda x, scale, dy: pallas_gpu.backward(x, scale, dy, eps=eps, interpret=interpret)
-  dx, dshift, dscale = _per_shard(run, x, (True, True, True), 3)(x, scale, dy)
+  dx, dshift, dscale = _per_shard(run, x, 3, 3)(x, scale, dy)
   return dx, dshift.astype(shift.dtype), dscale.astype(scale.dtype)
 
 
-def _per_shard(run, x, batched, n_out):
-  """`run` itself, or per batch shard under the trainer's mesh (every output is per example)."""
-  mesh = batch_sharding.ambient_mesh(x.shape[0])
-  return run if mesh is None else batch_sharding.batch_sharded(run, mesh, batched, n_out)
+def _per_shard(run, x, n_in, n_out):
+  """`run` per batch shard of x under the trainer's mesh; every input and output is per example."""
+  return batch_sharding.per_batch_shard(run, x.shape[0], (True,) * n_in, n_out)
 
 
 _pallas.defvjp(_fwd, _bwd)
@@ -136,7 +135,7 @@ def _with_input_bwd(eps, interpret, residuals, cotangents):
   n, t, d = _check_blocks("layer_norm_modulate_with_input", x)
   run = lambda x, scale, dy, dpass: pallas_gpu.backward(x, scale, dy, eps=eps, dpass=dpass,
                                                         interpret=interpret)
-  dx, dshift, dscale = _per_shard(run, x, (True,) * 4, 3)(
+  dx, dshift, dscale = _per_shard(run, x, 4, 3)(
       x.reshape(n, t, d), scale, dy.reshape(n, t, d), dpass.reshape(n, t, d).astype(x.dtype))
   return dx.reshape(x.shape), dshift.astype(shift.dtype), dscale.astype(scale.dtype)
 
@@ -149,7 +148,7 @@ def _residual_pallas(x, gate, branch, shift, scale, eps, interpret):
   out_dtype = jnp.result_type(x.dtype, shift.dtype, scale.dtype)
   run = lambda *args: tuple(pallas_gpu.residual_forward(*args, eps=eps, out_dtype=out_dtype,
                                                         interpret=interpret))
-  return tuple(_per_shard(run, x, (True,) * 5, 2)(x, gate, branch, shift, scale))
+  return tuple(_per_shard(run, x, 5, 2)(x, gate, branch, shift, scale))
 
 
 def _residual_fwd(x, gate, branch, shift, scale, eps, interpret):
@@ -161,7 +160,7 @@ def _residual_bwd(eps, interpret, residuals, cotangents):
   h, gate, branch, shift, scale = residuals
   dh, dy = cotangents  # dh: what reaches h along the residual path
   run = lambda *args: pallas_gpu.residual_backward(*args, eps=eps, interpret=interpret)
-  dx, dbranch, dgate, dshift, dscale = _per_shard(run, h, (True,) * 6, 5)(
+  dx, dbranch, dgate, dshift, dscale = _per_shard(run, h, 6, 5)(
       h, gate, branch, scale, dy, dh)
   return (dx, dgate.astype(gate.dtype), dbranch, dshift.astype(shift.dtype),
           dscale.astype(scale.dtype))

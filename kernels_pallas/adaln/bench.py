@@ -15,15 +15,14 @@ compares the fused chain's gradients with the reference's in float32.
 from __future__ import annotations
 
 import argparse
-import json
 
 import jax
 import jax.numpy as jnp
 
 from kernels_pallas.adaln import (layer_norm_modulate, layer_norm_modulate_with_input, pallas_gpu,
                                   residual_layer_norm_modulate)
-from kernels_pallas.bench import (HBM_BYTES_PER_S, chain_table, median_ms, parse_ints,
-                                   worst_relative_rms)
+from kernels_pallas.bench import (HBM_BYTES_PER_S, median_ms, parse_ints, report_chain,
+                                   time_chain_forms, worst_relative_rms)
 
 SHAPES = {  # name: (N, T, D)
     "S/2@256": (64, 256, 384),
@@ -139,19 +138,11 @@ def main(argv=None):
       result.setdefault("check", {})[name] = err
       print(f"{name}: fused vs reference, float32 chain gradients: {err:.2e} relative RMS",
             flush=True)
-    ref_us = None
-    for form in FORMS if with_kernels else FORMS[:1]:
-      fwd, both = time_chain(block_norms(form, args.interpret), (n, t, d), args.layers,
-                             args.runs)
-      ref_us = ref_us or both
-      rows.append(dict(shape=name, form=form, fwd_us=fwd, fwd_bwd_us=both,
-                       floor_multiple=both / hbm_floor_us((n, t, d)),
-                       speedup_vs_reference=ref_us / both))
-      print(f"{name} {form}: fwd {fwd:.1f} us, fwd+bwd {both:.1f} us per layer", flush=True)
-  print(chain_table(rows, "form"))
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(dict(result, rows=rows), f, indent=1)
+    timed = [(form, lambda form=form, shape=(n, t, d): time_chain(
+        block_norms(form, args.interpret), shape, args.layers, args.runs))
+        for form in (FORMS if with_kernels else FORMS[:1])]
+    time_chain_forms(rows, name, "form", timed, hbm_floor_us((n, t, d)))
+  report_chain(rows, "form", result, args.json)
 
 
 if __name__ == "__main__":

@@ -42,12 +42,6 @@ def _check_conv(name, x, kernel, bias, backend):
   return backend
 
 
-def _per_batch_shard(run, batch, batched):
-  """`run` on each device's share of the batch under the trainer's mesh, if it splits evenly."""
-  mesh = batch_sharding.ambient_mesh(batch)
-  return run if mesh is None else batch_sharding.batch_sharded(run, mesh, batched, 1)
-
-
 def depthwise_conv3x3(x, kernel, bias, *, backend: str = "auto", interpret: bool = False):
   """3x3 depthwise convolution, zero padding: x [N, h, w, D], kernel [3, 3, D], bias [D].
 
@@ -57,7 +51,8 @@ def depthwise_conv3x3(x, kernel, bias, *, backend: str = "auto", interpret: bool
   if backend == "reference":
     return reference.depthwise_conv3x3(x, kernel, bias)
   run = lambda x, kernel, bias: (pallas_gpu.depthwise_conv3x3(x, kernel, bias, interpret),)
-  return _per_batch_shard(run, x.shape[0], (True, False, False))(x, kernel, bias)[0]
+  sharded = batch_sharding.per_batch_shard(run, x.shape[0], (True, False, False), 1)
+  return sharded(x, kernel, bias)[0]
 
 
 def gated_residual_conv3x3(x, gate, branch, kernel, bias, *, backend: str = "auto",
@@ -75,5 +70,5 @@ def gated_residual_conv3x3(x, gate, branch, kernel, bias, *, backend: str = "aut
   dtype = jnp.result_type(x, gate, branch)
   x, gate, branch = x.astype(dtype), gate.astype(dtype), branch.astype(dtype)
   run = lambda *args: (pallas_gpu_residual.gated_residual_conv3x3(*args, interpret),)
-  return _per_batch_shard(run, x.shape[0], (True, True, True, False, False))(
+  return batch_sharding.per_batch_shard(run, x.shape[0], (True, True, True, False, False), 1)(
       x, gate, branch, kernel, bias)[0]

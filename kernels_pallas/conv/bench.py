@@ -19,13 +19,12 @@ the kernel's chain gradients with the reference's in float32.
 from __future__ import annotations
 
 import argparse
-import json
 
 import jax
 import jax.numpy as jnp
 
-from kernels_pallas.bench import (HBM_BYTES_PER_S, chain_table, median_ms, parse_ints,
-                                   worst_relative_rms)
+from kernels_pallas.bench import (HBM_BYTES_PER_S, median_ms, parse_ints, report_chain,
+                                   time_chain_forms, worst_relative_rms)
 from kernels_pallas.conv import pallas_gpu, pallas_gpu_residual, reference
 from kernels_pallas.settings import module_settings
 
@@ -189,18 +188,8 @@ def main(argv=None):
         form = "pallas_gpu fused" if args.residual else "pallas_gpu"
         runs.append((f"{form} {kind} {tile}", lambda s=shape, t=tile: _time_with_tile(
             t, s, args)))
-    ref_us = None
-    for backend, run in runs:
-      fwd, both = run()
-      ref_us = ref_us or both
-      rows.append(dict(shape=name, backend=backend, fwd_us=fwd, fwd_bwd_us=both,
-                       floor_multiple=both / hbm_floor_us(shape, residual=args.residual),
-                       speedup_vs_reference=ref_us / both))
-      print(f"{name} {backend}: fwd {fwd:.1f} us, fwd+bwd {both:.1f} us per layer", flush=True)
-  print(chain_table(rows, "backend"))
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(dict(result, rows=rows), f, indent=1)
+    time_chain_forms(rows, name, "backend", runs, hbm_floor_us(shape, residual=args.residual))
+  report_chain(rows, "backend", result, args.json)
 
 
 if __name__ == "__main__":

@@ -249,9 +249,5 @@ def chunk_gla_packed(qkv, g, *, value_dim=None, scale=None, initial_state=None,
   run = lambda qkv, g, h0: _packed_gpu_gla(qkv, g, h0, vd, scale, reverse, interpret)
   h0 = (jnp.zeros((b, heads, kd, vd), jnp.float32) if initial_state is None
         else initial_state.astype(jnp.float32))
-  mesh = batch_sharding.ambient_mesh(b)
-  if mesh is None:
-    o, ht = run(qkv, g, h0)
-  else:
-    o, ht = batch_sharding.batch_sharded(run, mesh, (True,) * 3, 2)(qkv, g, h0)
+  o, ht = batch_sharding.per_batch_shard(run, b, (True,) * 3, 2)(qkv, g, h0)
   return o, (ht if output_final_state else None)

@@ -90,10 +90,8 @@ def gla_layer(y, gate_kernel, gate_bias, norm_scale, out_kernel, *, heads: int, 
   if _one_vjp_applies(y, layout, backend, output_backend):
     args = (y, gate_kernel, gate_bias, norm_scale, out_kernel)
     run = lambda *a: (_fused(*a, layout, interpret),)
-    mesh = batch_sharding.ambient_mesh(y.shape[0])
-    if mesh is not None:  # the whole layer per batch shard; weight gradients summed by shard_map
-      run = batch_sharding.batch_sharded(run, mesh, (True,) + (False,) * 4, 1)
-    return run(*args)[0]
+    # the whole layer per batch shard; weight gradients summed by shard_map
+    return batch_sharding.per_batch_shard(run, y.shape[0], (True,) + (False,) * 4, 1)(*args)[0]
   if column_scan is None:
     return _composed(y, gate_kernel, gate_bias, norm_scale, out_kernel, layout, backend,
                      output_backend, interpret)

@@ -65,10 +65,7 @@ def swiglu_product_backward(ab, dh, *, backend: str = "auto", interpret: bool = 
   if _choose(backend, ab) == "reference":
     return reference.swiglu_product_backward(ab, dh)
   run = functools.partial(pallas_gpu.swiglu_product_backward, interpret=interpret)
-  mesh = batch_sharding.ambient_mesh(ab.shape[0])
-  if mesh is not None:
-    run = batch_sharding.batch_sharded(run, mesh, (True, True), 2)
-  return run(ab, dh)
+  return batch_sharding.per_batch_shard(run, ab.shape[0], (True, True), 2)(ab, dh)
 
 
 def swiglu_linear(ab, kernel, *, backend: str = "auto", interpret: bool = False):
